@@ -1,0 +1,364 @@
+"""The convolution and pooling primitives: pure functions on NHWC arrays, kernels HWIO.
+
+Every convolution in jaxcnn goes through `conv2d` (layers, fixed filters, models), so a faster implementation
+only has to replace that one function.
+
+Padding is given the same way everywhere (convolution and pooling):
+
+- ``'valid'``: no padding.
+- ``'same'``: XLA/TensorFlow/flax ``'SAME'``: the output has ``ceil(size / stride)`` cells. The total padding
+  ``max((out - 1) * stride + k_eff - size, 0)`` is split with the smaller half before and the larger half after
+  (``lo = total // 2``). For stride 1 that is ``k_eff - 1`` in total whatever the input size, and the output has
+  the input's size; for stride > 1 the split depends on the input size, so resolving it needs ``input_size``.
+- ``'full'``: ``k_eff - 1`` on each side (every placement that overlaps the input at least one cell).
+- an int ``p``: ``p`` on every side; a pair ``(ph, pw)``: ``ph`` top and bottom, ``pw`` left and right;
+  per-side pairs ``((top, bottom), (left, right))``.
+
+``k_eff = dilation * (kernel - 1) + 1`` is the extent of a dilated kernel. The output size along one axis is
+``floor((size + lo + hi - k_eff) / stride) + 1`` (`conv_output_size`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+PaddingMode = Literal["valid", "same", "full"]
+# One axis: a mode, an int for both sides, or (lo, hi).
+AxisPadding = Union[PaddingMode, int, tuple[int, int]]
+# Two axes: a mode, an int, (ph, pw), or ((top, bottom), (left, right)).
+Padding = Union[PaddingMode, int, tuple[int, int], tuple[tuple[int, int], tuple[int, int]], Sequence]
+IntPair = Union[int, tuple[int, int]]
+
+PADDING_MODES = ("valid", "same", "full")
+_CONV_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sizes and padding
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _pair(value: IntPair, what: str) -> tuple[int, int]:
+    """An int or a pair of ints -> (h, w), each a positive int."""
+    if isinstance(value, (int,)) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise ValueError(f"{what} must be an int or a pair of ints (h, w), got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{what} must be at least 1, got {value!r}")
+    return pair
+
+
+def effective_kernel_size(kernel: int, dilation: int = 1) -> int:
+    """The extent of a dilated kernel along one axis: ``dilation * (kernel - 1) + 1``."""
+    return dilation * (kernel - 1) + 1
+
+
+def _axis_padding(
+    padding: AxisPadding, kernel: int, dilation: int, stride: int, input_size: int | None
+) -> tuple[int, int]:
+    """Resolve the padding of one axis to (lo, hi)."""
+    k_eff = effective_kernel_size(kernel, dilation)
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode == "valid":
+            return (0, 0)
+        if mode == "full":
+            return (k_eff - 1, k_eff - 1)
+        if mode == "same":
+            if stride == 1:
+                total = k_eff - 1
+            elif input_size is None:
+                raise ValueError(
+                    f"'same' padding with stride {stride} depends on the input size; pass input_size "
+                    "(or use stride 1, or explicit padding)"
+                )
+            else:
+                out = -(-input_size // stride)
+                total = max((out - 1) * stride + k_eff - input_size, 0)
+            return (total // 2, total - total // 2)
+        raise ValueError(f"unknown padding mode {padding!r}; use one of {PADDING_MODES}, an int or pairs")
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        lo = hi = padding
+    elif isinstance(padding, Sequence) and len(padding) == 2 and all(isinstance(p, int) for p in padding):
+        lo, hi = int(padding[0]), int(padding[1])
+    else:
+        raise ValueError(f"padding of one axis must be a mode, an int or (lo, hi), got {padding!r}")
+    if lo < 0 or hi < 0:
+        raise ValueError(f"padding must not be negative, got {padding!r}")
+    return (lo, hi)
+
+
+def resolve_padding(
+    padding: Padding,
+    kernel_size: IntPair,
+    dilation: IntPair = 1,
+    *,
+    strides: IntPair = 1,
+    input_size: IntPair | None = None,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Padding of a 2-D window as ``((top, bottom), (left, right))``.
+
+    Args:
+      padding: ``'valid'``, ``'same'``, ``'full'``, an int, ``(ph, pw)`` or ``((top, bottom), (left, right))``
+        (see the module docstring for what each mode means).
+      kernel_size: window size, an int or ``(kh, kw)``.
+      dilation: kernel dilation, an int or a pair.
+      strides: only needed for ``'same'`` with stride > 1 (XLA 'SAME' semantics), then with ``input_size``.
+      input_size: ``(H, W)`` of the input, only needed for ``'same'`` with stride > 1.
+    """
+    kh, kw = _pair(kernel_size, "kernel_size")
+    dh, dw = _pair(dilation, "dilation")
+    sh, sw = _pair(strides, "strides")
+    ih, iw = (None, None) if input_size is None else _pair(input_size, "input_size")
+    if isinstance(padding, str) or (isinstance(padding, int) and not isinstance(padding, bool)):
+        per_axis: tuple = (padding, padding)
+    elif isinstance(padding, Sequence) and len(padding) == 2:
+        per_axis = tuple(padding)
+    else:
+        raise ValueError(
+            f"padding must be one of {PADDING_MODES}, an int, (ph, pw) or ((top, bottom), (left, right)); "
+            f"got {padding!r}"
+        )
+    return (_axis_padding(per_axis[0], kh, dh, sh, ih), _axis_padding(per_axis[1], kw, dw, sw, iw))
+
+
+def conv_output_size(
+    size: int, kernel: int, stride: int = 1, padding: AxisPadding = 0, dilation: int = 1
+) -> int:
+    """Output size along one axis: ``floor((size + lo + hi - dilation * (kernel - 1) - 1) / stride) + 1``.
+
+    For dilation 1 and symmetric padding P that is the familiar ``floor((size + 2P - kernel) / stride) + 1``.
+    Raises ValueError when the (dilated) kernel does not fit in the padded input.
+    """
+    for name, value, minimum in (("size", size, 1), ("kernel", kernel, 1), ("stride", stride, 1),
+                                 ("dilation", dilation, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    lo, hi = _axis_padding(padding, kernel, dilation, stride, size)
+    k_eff = effective_kernel_size(kernel, dilation)
+    padded = size + lo + hi
+    if k_eff > padded:
+        raise ValueError(
+            f"kernel {kernel} with dilation {dilation} (extent {k_eff}) is larger than the padded input "
+            f"{padded} (size {size} + padding {lo + hi}); use a smaller kernel, more padding or a larger input"
+        )
+    return (padded - k_eff) // stride + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Convolution
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_nhwc(x: jax.Array, what: str = "x") -> None:
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(
+            f"expected {what} of shape [N, H, W, C], got {tuple(jnp.shape(x))}; add the missing axes "
+            "(e.g. x[None, ..., None] for one grey image)"
+        )
+
+
+def _window_output_hw(
+    x_shape: Sequence[int],
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int],
+    what: str,
+) -> tuple[int, int]:
+    """(out_h, out_w) of a window op, with an error naming the axis when the window does not fit."""
+    out = []
+    for axis, size, k, s, (lo, hi), d in zip(("height", "width"), x_shape[1:3], window, strides, pads, dilation):
+        try:
+            out.append(conv_output_size(int(size), k, s, (lo, hi), d))
+        except ValueError as error:
+            raise ValueError(f"{what} does not fit the input's {axis} (input shape {tuple(x_shape)}): {error}") \
+                from None
+    return out[0], out[1]
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    strides: IntPair = 1,
+    padding: Padding = "valid",
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> jax.Array:
+    """2-D cross-correlation (what deep learning calls convolution), the one funnel for every conv in jaxcnn.
+
+    ``y[n, i, j, o] = sum_{a, b, c} x_pad[n, i*sh + a*dh, j*sw + b*dw, g*Cin/G + c] * kernel[a, b, c, o]``
+    where ``g = o // (Cout / G)`` is the group of output channel ``o``.
+
+    Args:
+      x: ``[N, H, W, Cin]``.
+      kernel: ``[KH, KW, Cin / groups, Cout]`` (HWIO); ``Cout`` must be divisible by ``groups``.
+      strides, dilation: ints or ``(h, w)`` pairs.
+      padding: see the module docstring (``'same'`` follows XLA 'SAME' for any stride).
+      groups: feature groups; ``groups == Cin`` with ``kernel [KH, KW, 1, Cin * m]`` is a depthwise conv.
+    Returns:
+      ``[N, H_out, W_out, Cout]`` with ``H_out = conv_output_size(H, KH, sh, (top, bottom), dh)``.
+    """
+    _check_nhwc(x)
+    if getattr(kernel, "ndim", None) != 4:
+        raise ValueError(f"expected kernel of shape [KH, KW, Cin / groups, Cout], got {tuple(jnp.shape(kernel))}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    cin, (kh, kw, kin, cout) = x.shape[-1], kernel.shape
+    if cin % groups:
+        raise ValueError(f"input channels {cin} are not divisible by groups={groups} (x shape {tuple(x.shape)})")
+    if cout % groups:
+        raise ValueError(f"output channels {cout} are not divisible by groups={groups} (kernel {tuple(kernel.shape)})")
+    if kin * groups != cin:
+        raise ValueError(
+            f"kernel {tuple(kernel.shape)} expects {kin * groups} input channels ({kin} per group x {groups} "
+            f"groups) but x has {cin} (x shape {tuple(x.shape)}); the kernel's third axis must be Cin / groups"
+        )
+    strides_hw, dilation_hw = _pair(strides, "strides"), _pair(dilation, "dilation")
+    pads = resolve_padding(padding, (kh, kw), dilation_hw, strides=strides_hw, input_size=tuple(x.shape[1:3]))
+    _window_output_hw(x.shape, (kh, kw), strides_hw, pads, dilation_hw, f"conv kernel {kh}x{kw}")
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=strides_hw,
+        padding=pads,
+        rhs_dilation=dilation_hw,
+        dimension_numbers=_CONV_DIMENSION_NUMBERS,
+        feature_group_count=groups,
+    )
+
+
+def true_conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    strides: IntPair = 1,
+    padding: Padding = "valid",
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> jax.Array:
+    """The mathematical convolution ``sum x[i - a, j - b] k[a, b]``: `conv2d` with the kernel turned 180°.
+
+    Same arguments and shapes as `conv2d`. With ``'full'``/``'valid'`` padding it equals
+    ``scipy.signal.convolve2d(..., mode='full'/'valid')`` per channel; with ``'same'`` and odd kernels too.
+    """
+    return conv2d(x, kernel[::-1, ::-1], strides=strides, padding=padding, dilation=dilation, groups=groups)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pooling
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _pool_geometry(
+    x: jax.Array, window: IntPair, strides: IntPair | None, padding: Padding, kind: str
+) -> tuple[tuple[int, int], tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]:
+    """Validated (window, strides, pads) of a pooling op on x: [N, H, W, C]."""
+    _check_nhwc(x)
+    window_hw = _pair(window, "window")
+    strides_hw = window_hw if strides is None else _pair(strides, "strides")
+    pads = resolve_padding(padding, window_hw, strides=strides_hw, input_size=tuple(x.shape[1:3]))
+    for (lo, hi), k in zip(pads, window_hw):
+        # A window lying wholly in the padding would pool nothing (max -> -inf, average -> 0).
+        if lo >= k or hi >= k:
+            raise ValueError(
+                f"{kind} pooling padding {pads} is too large for window {window_hw}: each side must be smaller "
+                "than the window so every window covers at least one input cell"
+            )
+    _window_output_hw(x.shape, window_hw, strides_hw, pads, (1, 1), f"{kind} pooling window {window_hw}")
+    return window_hw, strides_hw, pads
+
+
+def _reduce_window(x, init, op, window_hw, strides_hw, pads):
+    return lax.reduce_window(
+        x, init, op, (1, *window_hw, 1), (1, *strides_hw, 1), ((0, 0), *pads, (0, 0))
+    )
+
+
+def max_pool(
+    x: jax.Array, window: IntPair, strides: IntPair | None = None, padding: Padding = "valid"
+) -> jax.Array:
+    """Max over each window. x: ``[N, H, W, C]`` -> ``[N, H_out, W_out, C]``; ``strides`` default to the window.
+
+    Padded cells hold -inf (the lowest value for integer inputs), so they never win.
+    """
+    window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "max")
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        init = jnp.array(-jnp.inf, x.dtype)
+    else:
+        init = jnp.array(jnp.iinfo(x.dtype).min, x.dtype)
+    return _reduce_window(x, init, lax.max, window_hw, strides_hw, pads)
+
+
+def avg_pool(
+    x: jax.Array,
+    window: IntPair,
+    strides: IntPair | None = None,
+    padding: Padding = "valid",
+    count_include_pad: bool = True,
+) -> jax.Array:
+    """Mean over each window. x: ``[N, H, W, C]`` -> ``[N, H_out, W_out, C]``; ``strides`` default to the window.
+
+    Padded cells hold 0. ``count_include_pad=True`` divides every window's sum by the full window size
+    ``KH * KW`` (PyTorch's default: border averages are pulled towards 0); ``False`` divides by the number of
+    real input cells in the window (TensorFlow/flax 'SAME' average pooling).
+    """
+    window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "average")
+    x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+    zero = jnp.array(0, x.dtype)
+    sums = _reduce_window(x, zero, lax.add, window_hw, strides_hw, pads)
+    no_padding = all(p == 0 for side in pads for p in side)
+    if count_include_pad or no_padding:
+        return sums / (window_hw[0] * window_hw[1])
+    ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+    counts = _reduce_window(ones, zero, lax.add, window_hw, strides_hw, pads)
+    return sums / counts
+
+
+def l2_pool(
+    x: jax.Array, window: IntPair, strides: IntPair | None = None, padding: Padding = "valid"
+) -> jax.Array:
+    """Square root of the sum of squares over each window (padded cells are 0).
+
+    x: ``[N, H, W, C]`` -> ``[N, H_out, W_out, C]``; ``strides`` default to the window.
+    """
+    window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "L2")
+    x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+    sums = _reduce_window(jnp.square(x), jnp.array(0, x.dtype), lax.add, window_hw, strides_hw, pads)
+    return jnp.sqrt(sums)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Mean over height and width: ``[N, H, W, C]`` -> ``[N, C]``."""
+    _check_nhwc(x)
+    return jnp.mean(x, axis=(1, 2))
+
+
+def global_max_pool(x: jax.Array) -> jax.Array:
+    """Max over height and width: ``[N, H, W, C]`` -> ``[N, C]``."""
+    _check_nhwc(x)
+    return jnp.max(x, axis=(1, 2))
+
+
+__all__ = [
+    "PADDING_MODES",
+    "Padding",
+    "avg_pool",
+    "conv2d",
+    "conv_output_size",
+    "effective_kernel_size",
+    "global_avg_pool",
+    "global_max_pool",
+    "l2_pool",
+    "max_pool",
+    "resolve_padding",
+    "true_conv2d",
+]
