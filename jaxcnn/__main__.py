@@ -1,0 +1,3 @@
+from jaxcnn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Run outputs: config.json, metrics.jsonl (one JSON object per logged step or eval), TensorBoard events, summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "size", 2) == 1:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf
+    if isinstance(v, Mapping):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def write_json(path: str | Path, obj: Mapping[str, Any]) -> None:
+    """Writes atomically (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (a torn last line, from a killed run, is skipped)."""
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl and mirrors scalars to TensorBoard (tensorboardX) under `tb/`.
+
+    Only the main process writes; on other processes every call is a no-op.
+    """
+
+    def __init__(self, workdir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.workdir = Path(workdir)
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+            self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), flush_secs=10)
+
+    def write(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
+        """kind: 'train' or 'eval' (or another label); values: scalars."""
+        if not self.enabled:
+            return
+        values = {k: _jsonable(v) for k, v in values.items()}
+        self._jsonl.write(json.dumps({"kind": kind, "step": int(step), **values}) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """The HEAD commit of the repository containing jaxcnn (with '-dirty' if there are local changes), or None."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,1 @@
+"""Training: state → optimizer → pure steps → parallel strategies → loop → checkpoints / transfer."""

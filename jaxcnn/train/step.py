@@ -1,0 +1,189 @@
+"""Pure train and eval steps.
+
+`make_train_step(...)` returns `train_step(state, batch, rng) -> (state, metrics)` and `make_eval_step(...)` returns
+`eval_step(state, batch) -> metric sums`. They are plain functions of arrays: jit them, pmap them or shard_map them
+from outside (jaxcnn.train.parallel). The only thing they know about devices is an optional `axis_name` over which
+the pmap / shard_map strategies average gradients and metrics.
+
+batch: {'image': uint8 [B, H, W, C], 'label': int32 [B]} (+ 'mask': bool [B] for eval, + 'index': int32 [B] when
+the loader provides dataset indices, used by the alternating flip).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxcnn.data import augment
+from jaxcnn.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What the steps need to know beyond the state: input preprocessing and the loss."""
+
+    num_classes: int
+    mean: Sequence[float]  # per channel, 0..255 scale
+    std: Sequence[float]
+    normalize: bool = True
+    crop_padding: int = 0
+    flip: str = "none"
+    cutout: int = 0
+    tta: str = "none"
+    label_smoothing: float = 0.0
+    accum_steps: int = 1
+    ema_decay: float | None = None
+    eval_ema: bool = False
+    compute_dtype: Any = jnp.float32
+    steps_per_epoch: int = 1  # for the alternating flip's epoch parity
+    check_finite: bool = True
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy in float32. logits: [B, K], labels: int [B] -> [B]."""
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _inputs(batch: Batch, rng: jax.Array | None, opts: StepOptions, epoch: jax.Array | None) -> jax.Array:
+    images = batch["image"]
+    if rng is not None:
+        images = augment.augment_batch(
+            images,
+            rng,
+            crop_padding=opts.crop_padding,
+            flip=opts.flip,
+            cutout=opts.cutout,
+            epoch=epoch,
+            indices=batch.get("index"),
+        )
+    return augment.preprocess(images, mean=opts.mean, std=opts.std, normalize=opts.normalize, dtype=opts.compute_dtype)
+
+
+def _pmean(tree: Any, axis_name: str | None) -> Any:
+    return tree if axis_name is None else lax.pmean(tree, axis_name)
+
+
+def make_train_step(opts: StepOptions, axis_name: str | None = None) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
+
+    metrics: {'loss', 'accuracy', 'grad_norm', 'lr_step'} averaged over the (global) batch.
+    With accum_steps = k > 1 the batch is split into k micro-batches of B/k; gradients are averaged over them and the
+    optimizer steps once. BatchNorm statistics are computed per micro-batch, and the running averages are updated
+    k times (once per micro-batch, in order), exactly as k smaller forward passes would.
+    """
+
+    def loss_fn(params: Any, batch_stats: Any, x: jax.Array, labels: jax.Array, dropout_rng: jax.Array, apply_fn: Callable):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+            logits, updates = apply_fn(variables, x, train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+            new_stats = updates["batch_stats"]
+        else:
+            logits = apply_fn(variables, x, train=True, rngs={"dropout": dropout_rng})
+            new_stats = batch_stats
+        logits = logits.astype(jnp.float32)
+        loss = cross_entropy(logits, labels, opts.num_classes, opts.label_smoothing).mean()
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32).mean()
+        return loss, (new_stats, correct)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        aug_rng, dropout_rng = jax.random.split(rng)
+        epoch = state.step // max(opts.steps_per_epoch, 1)
+        x = _inputs(batch, aug_rng, opts, epoch)
+        labels = batch["label"]
+        k = opts.accum_steps
+        if k == 1:
+            (loss, (batch_stats, acc)), grads = grad_fn(state.params, state.batch_stats, x, labels, dropout_rng, state.apply_fn)
+        else:
+            xs = x.reshape((k, x.shape[0] // k) + x.shape[1:])
+            ys = labels.reshape((k, -1))
+            keys = jax.random.split(dropout_rng, k)
+
+            def micro(carry, inp):
+                stats, gsum, lsum, asum = carry
+                xm, ym, km = inp
+                (l, (stats, a)), g = grad_fn(state.params, stats, xm, ym, km, state.apply_fn)
+                gsum = jax.tree_util.tree_map(jnp.add, gsum, g)
+                return (stats, gsum, lsum + l, asum + a), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            init = (state.batch_stats, zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (batch_stats, gsum, lsum, asum), _ = lax.scan(micro, init, (xs, ys, keys))
+            grads = jax.tree_util.tree_map(lambda g: g / k, gsum)
+            loss, acc = lsum / k, asum / k
+
+        grads = _pmean(grads, axis_name)
+        loss, acc = _pmean((loss, acc), axis_name)
+        grad_norm = optax.global_norm(grads)
+
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = state.ema_params
+        if opts.ema_decay is not None and ema_params is not None:
+            d = opts.ema_decay
+            ema_params = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params
+        )
+        if opts.check_finite:
+            new_state = _guard_nonfinite(state, new_state, loss, grads)
+        metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm}
+        return new_state, metrics
+
+    return train_step
+
+
+def _guard_nonfinite(old: TrainState, new: TrainState, loss: jax.Array, grads: Any) -> TrainState:
+    """Keeps `old` (and records the step and first bad quantity) when the loss or a gradient is not finite."""
+    leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+    loss_ok = jnp.isfinite(loss)
+    ok = loss_ok & jnp.all(leaf_ok)
+    already_bad = old.first_nonfinite[0] >= 0
+    what = jnp.where(loss_ok, jnp.argmin(leaf_ok) + 1, 0).astype(jnp.int32)
+    record = jnp.where(ok | already_bad, old.first_nonfinite, jnp.stack([old.step, what]).astype(jnp.int32))
+    keep_new = ok & ~already_bad
+    chosen = jax.tree_util.tree_map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+    return chosen.replace(first_nonfinite=record)
+
+
+def make_eval_step(opts: StepOptions, axis_name: str | None = None) -> Callable[[TrainState, Batch], Metrics]:
+    """Returns `eval_step(state, batch) -> {'loss_sum', 'correct', 'count'}`: sums over examples whose mask is True.
+
+    Sums (not means) so that padded last batches and many devices add up to exact totals.
+    """
+
+    def eval_step(state: TrainState, batch: Batch) -> Metrics:
+        params = state.ema_params if (opts.eval_ema and state.ema_params is not None) else state.params
+        variables = {"params": params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+        x = _inputs(batch, None, opts, None)
+        apply = lambda images: state.apply_fn(variables, images, train=False)  # noqa: E731
+        logits = augment.tta_logits(apply, x, mode=opts.tta).astype(jnp.float32)
+        labels = batch["label"]
+        mask = batch.get("mask", jnp.ones(labels.shape, bool)).astype(jnp.float32)
+        losses = cross_entropy(logits, labels, opts.num_classes)
+        sums = {
+            "loss_sum": jnp.sum(losses * mask),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            "count": jnp.sum(mask),
+        }
+        if axis_name is not None:
+            sums = lax.psum(sums, axis_name)
+        return sums
+
+    return eval_step

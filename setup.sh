@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up jaxcnn on a fresh machine: Debian's Fashion-MNIST package (when missing and apt is usable) and the Python
+# packages (editable install). Idempotent: a second run only checks.
+#   ./setup.sh            the package and what training needs
+#   ./setup.sh --tests    also pytest, hypothesis, chex and TensorFlow (TFDS dataset preparation, used by tests)
+# PYTHON=/path/to/python ./setup.sh   uses another interpreter (Python 3.11 gives jax 0.10, 3.12 gives jax 0.12).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+extras=""
+if [ "${1:-}" = "--tests" ]; then extras="[test,tf]"; fi
+
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's dataset-fashion-mnist (Fashion-MNIST into $FMNIST)"
+    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then
+    echo "setup: installing Debian's dataset-fashion-mnist with sudo"
+    sudo apt-get update -q >/dev/null && sudo apt-get install -y -q dataset-fashion-mnist >/dev/null
+  else
+    echo "setup: Fashion-MNIST is not in $FMNIST and apt-get is not usable here." >&2
+    echo "       Either install the Debian package dataset-fashion-mnist, or download the four official files" >&2
+    echo "       (train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz" >&2
+    echo "       t10k-labels-idx1-ubyte.gz) from https://github.com/zalandoresearch/fashion-mnist into a folder" >&2
+    echo "       and train with --set data.data_dir=FOLDER (or export JAXCNN_DATA_DIR=FOLDER)." >&2
+  fi
+fi
+
+if ! "$PYTHON" -c "import jaxcnn, jax, flax, optax, orbax.checkpoint, tensorflow_datasets, tensorboardX" 2>/dev/null \
+   || [ -n "$extras" ]; then
+  echo "setup: pip install -e .$extras with $("$PYTHON" --version 2>&1)"
+  "$PYTHON" -m pip install -q --disable-pip-version-check -e ".$extras" 2>&1 | grep -v -E "^WARNING: (Running pip as|Location)" || true
+fi
+"$PYTHON" -c "import jax, flax; print(f'setup: ready (jax {jax.__version__}, flax {flax.__version__})')"
