@@ -1,0 +1,12 @@
+"""Datasets (sources → ArrayDataset / RandomAccessSource), the input pipeline and augmentation."""
+
+from jaxcnn.data.dataset import (
+    DATASET_INFO,
+    ArrayDataset,
+    DatasetInfo,
+    DatasetNotFoundError,
+    RandomAccessSource,
+    dataset_info,
+    list_datasets,
+    load_split,
+)
