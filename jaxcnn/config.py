@@ -162,7 +162,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {
-    f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("model", "seed", "name")
+    name: tp for name, tp in typing.get_type_hints(Config).items() if name not in ("model", "seed", "name")
 }
 
 
