@@ -36,7 +36,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from jaxcnn.config import (
     Config,
@@ -54,6 +54,7 @@ SEED_KEY = "seed"
 NAME_KEY = "_name"
 
 Point = dict[str, Any]  # one variant as returned by sweep(): dotted config key → value (plus 'seed', '_name')
+TrainFn = Callable[[Config, Path], Mapping[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,19 +280,21 @@ def record_failure(run_dir: Path, error: str, details: str) -> None:
     _write_status(run_dir, "failed", error=error)
 
 
-def run_one(cfg: Config, run_dir: str | Path) -> bool:
+def run_one(cfg: Config, run_dir: str | Path, train_fn: TrainFn | None = None) -> bool:
     """Trains `cfg` in `run_dir` (resuming from its checkpoint), recording the outcome; True if it finished.
 
     An exception is recorded (status.json + error.txt) and not raised, so the sweep goes on; an interruption
     (Ctrl-C, SIGTERM) is recorded as 'interrupted' and raised, so the sweep stops and can be rerun.
+    `train_fn(cfg, run_dir) -> summary` defaults to jaxcnn.train.loop.train.
     """
-    from jaxcnn.train.loop import train  # importing jax takes seconds: only when a run really starts
+    if train_fn is None:
+        from jaxcnn.train.loop import train as train_fn  # importing jax takes seconds: only when a run starts
 
     run_dir = Path(run_dir)
     (run_dir / "error.txt").unlink(missing_ok=True)
     _write_status(run_dir, "running", pid=os.getpid())
     try:
-        summary = train(cfg, run_dir)
+        summary = train_fn(cfg, run_dir)
     except Exception as e:  # noqa: BLE001 - any failure of one run is recorded, the sweep goes on
         record_failure(run_dir, f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc())
         return False
@@ -452,12 +455,13 @@ def run_progress(run_dir: Path, cfg: Config) -> str:
 
 
 def run_sweep(experiment_path: str | Path, overrides: Sequence[str] = (), workdir: str | Path = "runs/sweep",
-              parallel_runs: int = 1, report: bool = True) -> list[str]:
+              parallel_runs: int = 1, report: bool = True, train_fn: TrainFn | None = None) -> list[str]:
     """Runs every run of the experiment's sweep under `workdir`; returns the failed ones ('<variant>/seed=<k>').
 
     Finished runs (summary.json present) are skipped, interrupted ones resume from their checkpoints, failed
     ones are retried. With parallel_runs > 1, that many runs go at once in subprocesses pinned to separate
     devices. At the end (also after an interruption) results.csv, results.md and the plots are rebuilt.
+    `train_fn` replaces jaxcnn.train.loop.train for runs in this process (parallel runs always use the real one).
     """
     workdir = Path(workdir)
     overrides = list(overrides)
@@ -482,7 +486,7 @@ def run_sweep(experiment_path: str | Path, overrides: Sequence[str] = (), workdi
     failed: list[str] = []
     try:
         if parallel_runs <= 1:
-            _run_sequential(todo, workdir, progress, failed)
+            _run_sequential(todo, workdir, progress, failed, train_fn)
         else:
             _run_parallel(todo, workdir, progress, failed, parallel_runs)
     finally:
@@ -500,12 +504,12 @@ def run_sweep(experiment_path: str | Path, overrides: Sequence[str] = (), workdi
 
 
 def _run_sequential(todo: list[tuple[Run, Config]], workdir: Path, progress: SweepProgress,
-                    failed: list[str]) -> None:
+                    failed: list[str], train_fn: TrainFn | None = None) -> None:
     for run, cfg in todo:
         run_dir = workdir / run.relpath
         _say(f"{progress.line()} — starting {run.relpath}")
         t0 = time.perf_counter()
-        ok = run_one(cfg, run_dir)
+        ok = run_one(cfg, run_dir, train_fn)
         progress.finished(ok, time.perf_counter() - t0)
         if not ok:
             failed.append(run.relpath)
