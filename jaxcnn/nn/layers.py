@@ -280,7 +280,8 @@ def make_norm(
       PyTorch's momentum 0.1 is 0.9 here). ``axis_name`` averages the statistics over a pmap/shard_map axis;
       under plain ``jax.jit`` with a sharded batch leave it None: the mean is already global. With
       ``virtual_batch_size``, `GhostBatchNorm`. Statistics are float32 even when ``dtype`` is bfloat16 (flax's
-      ``force_float32_reductions``).
+      ``force_float32_reductions``). The variance is the two-pass ``mean((x - mean)**2)``: flax's default
+      ``mean(x**2) - mean**2`` loses most digits in float32 when ``|mean| >> std`` (12% off for mean 300, std 2).
     - ``'group'``: `GroupNorm` with at most ``num_groups`` groups. ``'layer'``: `LayerNorm` (one group).
     - ``'none'``: the identity (no parameters).
 
@@ -307,6 +308,7 @@ def make_norm(
             axis_name=axis_name,
             dtype=dtype,
             scale_init=scale_init,
+            use_fast_variance=False,
             name=name,
         )
     if kind == "group":

@@ -1,0 +1,361 @@
+"""Building blocks of the model zoo: conv-norm-act, residual blocks, Inception and NiN blocks, the classifier head.
+
+Following Flax's examples, a block does not choose its convolution, normalisation or activation: they are
+injected as ``conv`` (a `layers.Conv2d` partial with the dtypes set), ``norm`` (a `layers.make_norm` partial,
+called as ``norm(name=..., zero_init=...)``) and ``act`` (an elementwise function). Swapping one of them is the
+whole ablation. All blocks take and return NHWC arrays: ``x: [N, H, W, C]``.
+
+Convolutions with an odd kernel ``k`` pad ``k // 2`` on every side, PyTorch's convention: the output has
+``ceil(H / stride)`` rows like ``'same'``, with the windows centred the same way as torchvision's models.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, ClassVar, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnn.nn import layers
+
+ModuleDef = Any
+ShortcutKind = Literal["A", "B"]
+
+
+def _no_norm(name: str | None = None, zero_init: bool = False) -> Callable[[jax.Array], jax.Array]:
+    """The 'none' norm as a norm factory (the default of every block's ``norm``)."""
+    return layers.make_norm("none", train=False, name=name, zero_init=zero_init)
+
+
+def conv_padding(kernel_size: int) -> int | str:
+    """Padding of a conv with this kernel: ``k // 2`` per side for odd ``k`` (torchvision's), 'same' for even."""
+    return kernel_size // 2 if kernel_size % 2 else "same"
+
+
+def check_downsample(x: jax.Array, strides: int, where: str) -> None:
+    """Raises ValueError when a stride-`strides` layer would shrink ``x: [N, H, W, C]`` below 1x1.
+
+    A padded stride-2 layer maps 1x1 to 1x1 without complaint; a network that does so has run out of
+    resolution, which is nearly always an input that is too small for the model.
+    """
+    h, w = x.shape[1:3]
+    if strides > 1 and (h < strides or w < strides):
+        raise ValueError(
+            f"{where}: cannot downsample a {h}x{w} feature map (shape {tuple(x.shape)}) by {strides}: it would "
+            "shrink below 1x1. The input is too small for this network's downsamplings; use a larger input "
+            "(or fewer stages / downsamplings)"
+        )
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
+    """PyTorch's ``AdaptiveAvgPool2d``: ``x: [N, H, W, C] -> [N, oh, ow, C]``.
+
+    Output cell ``i`` averages input rows ``floor(i H / oh) .. ceil((i + 1) H / oh) - 1`` (likewise for columns),
+    so a smaller input is repeated (1x1 -> 7x7 copies the cell) and an input of the output size is unchanged.
+    """
+    h, w = x.shape[1:3]
+    oh, ow = output_size
+    if (h, w) == (oh, ow):
+        return x
+
+    def bins(n_in: int, n_out: int) -> np.ndarray:
+        m = np.zeros((n_out, n_in), np.float32)
+        for i in range(n_out):
+            lo, hi = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+            m[i, lo:hi] = 1.0 / (hi - lo)
+        return m
+
+    x = jnp.einsum("oh,nhwc->nowc", jnp.asarray(bins(h, oh), x.dtype), x)
+    return jnp.einsum("pw,nowc->nopc", jnp.asarray(bins(w, ow), x.dtype), x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conv - norm - activation
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ConvNormAct(nn.Module):
+    """``act(norm(conv(x)))``, or with ``preact=True`` ``conv(act(norm(x)))`` (He et al., 2016b).
+
+    x: ``[N, H, W, Cin]`` -> ``[N, ceil(H / strides), ceil(W / strides), features]`` (with the default padding).
+    Submodules: ``conv`` and ``norm``. ``act=None`` leaves the activation out; ``zero_init`` starts the norm's
+    scale at 0.
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: Any = None  # None: conv_padding(kernel_size)
+    groups: int = 1
+    preact: bool = False
+    zero_init: bool = False
+    conv: ModuleDef = layers.Conv2d
+    norm: ModuleDef = _no_norm
+    act: Callable[[jax.Array], jax.Array] | None = jax.nn.relu
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = self.act if self.act is not None else (lambda y: y)
+        padding = conv_padding(self.kernel_size) if self.padding is None else self.padding
+        conv = self.conv(
+            self.features, kernel_size=self.kernel_size, strides=self.strides, padding=padding, groups=self.groups,
+            name="conv",
+        )
+        if self.preact:
+            return conv(act(self.norm(name="norm")(x)))
+        return act(self.norm(name="norm", zero_init=self.zero_init)(conv(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Residual blocks
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Shortcut(nn.Module):
+    """The identity path of a residual block, when the block changes the shape.
+
+    x: ``[N, H, W, Cin]`` -> ``[N, ceil(H / strides), ceil(W / strides), features]``; the identity when nothing
+    changes. Option 'A' (He et al., 2015, CIFAR): take every `strides`-th cell and append zero channels (no
+    parameters). Option 'B': a 1x1 projection conv with that stride, then ``norm`` (None: no norm, as in the
+    pre-activation and wide ResNets).
+    """
+
+    features: int
+    strides: int = 1
+    kind: ShortcutKind = "B"
+    conv: ModuleDef = layers.Conv2d
+    norm: ModuleDef | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin = x.shape[-1]
+        if cin == self.features and self.strides == 1:
+            return x
+        if self.kind == "A":
+            if self.features < cin:
+                raise ValueError(
+                    f"option-A shortcut at '{'/'.join(self.path)}' cannot reduce {cin} channels to "
+                    f"{self.features}; use shortcut='B' (a projection)"
+                )
+            y = x[:, :: self.strides, :: self.strides, :]
+            return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, self.features - cin)))
+        if self.kind != "B":
+            raise ValueError(f"unknown shortcut {self.kind!r}; use 'A' (zero-pad) or 'B' (projection)")
+        y = self.conv(self.features, kernel_size=1, strides=self.strides, padding=0, name="conv")(x)
+        return y if self.norm is None else self.norm(name="norm")(y)
+
+
+class _ResidualBase(nn.Module):
+    """Fields shared by the basic and bottleneck blocks."""
+
+    features: int  # the block's width ("planes"); it outputs features * expansion channels
+    strides: int = 1
+    kernel_size: int = 3
+    groups: int = 1
+    shortcut: ShortcutKind = "B"
+    residual: bool = True  # False: no shortcut at all (a plain network, for the degradation ablation)
+    preact: bool = False
+    zero_init_residual: bool = False  # start the last norm's scale at 0 (non-preact blocks)
+    dropout: float = 0.0  # between the convolutions (wide ResNets)
+    conv: ModuleDef = layers.Conv2d
+    norm: ModuleDef = _no_norm
+    act: Callable[[jax.Array], jax.Array] = jax.nn.relu
+
+    expansion: ClassVar[int] = 1
+
+    def _join(self, y: jax.Array, x: jax.Array, pre: jax.Array | None) -> jax.Array:
+        """Adds the shortcut of x (of the pre-activated x for a preact projection) to the branch output y."""
+        if not self.residual:
+            return y if self.preact else self.act(y)
+        out = self.features * self.expansion
+        changes = x.shape[-1] != out or self.strides != 1
+        source = pre if (self.preact and changes and self.shortcut == "B") else x
+        norm = None if self.preact else self.norm
+        y = y + Shortcut(out, self.strides, self.shortcut, self.conv, norm, name="shortcut")(source)
+        return y if self.preact else self.act(y)
+
+    def _drop(self, y: jax.Array, train: bool) -> jax.Array:
+        return nn.Dropout(self.dropout)(y, deterministic=not train) if self.dropout else y
+
+
+class BasicBlock(_ResidualBase):
+    """Two kxk convolutions (He et al., 2015); ``preact=True``: BN-ReLU before each conv (He et al., 2016b).
+
+    x: ``[N, H, W, Cin]`` -> ``[N, ceil(H / strides), ceil(W / strides), features]``. Submodules ``conv1``,
+    ``norm1``, ``conv2``, ``norm2`` and ``shortcut`` (when the shape changes).
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        conv = functools.partial(
+            self.conv, self.features, kernel_size=self.kernel_size, padding=conv_padding(self.kernel_size),
+            groups=self.groups,
+        )
+        if self.preact:
+            pre = self.act(self.norm(name="norm1")(x))
+            y = conv(strides=self.strides, name="conv1")(pre)
+            y = self._drop(self.act(self.norm(name="norm2")(y)), train)
+            y = conv(name="conv2")(y)
+            return self._join(y, x, pre)
+        y = self.act(self.norm(name="norm1")(conv(strides=self.strides, name="conv1")(x)))
+        y = self._drop(y, train)
+        y = self.norm(name="norm2", zero_init=self.zero_init_residual)(conv(name="conv2")(y))
+        return self._join(y, x, None)
+
+
+class BottleneckBlock(_ResidualBase):
+    """1x1 reduce, kxk (grouped for ResNeXt), 1x1 expand to ``4 * features`` (torchvision's "ResNet v1.5": the
+    stride sits on the kxk conv). ``preact=True``: BN-ReLU before each conv.
+
+    The inner width is ``int(features * base_width / 64) * groups`` (torchvision: ResNeXt-50 32x4d has groups=32,
+    base_width=4; Wide ResNet-50-2 has base_width=128). x: ``[N, H, W, Cin]`` ->
+    ``[N, ceil(H / strides), ceil(W / strides), 4 * features]``.
+    """
+
+    base_width: int = 64
+
+    expansion: ClassVar[int] = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        width = int(self.features * self.base_width / 64) * self.groups
+        out = self.features * self.expansion
+        k = self.kernel_size
+        conv1 = self.conv(width, kernel_size=1, padding=0, name="conv1")
+        conv2 = self.conv(
+            width, kernel_size=k, strides=self.strides, padding=conv_padding(k), groups=self.groups, name="conv2"
+        )
+        conv3 = self.conv(out, kernel_size=1, padding=0, name="conv3")
+        if self.preact:
+            pre = self.act(self.norm(name="norm1")(x))
+            y = conv1(pre)
+            y = conv2(self.act(self.norm(name="norm2")(y)))
+            y = self._drop(self.act(self.norm(name="norm3")(y)), train)
+            return self._join(conv3(y), x, pre)
+        y = self.act(self.norm(name="norm1")(conv1(x)))
+        y = self.act(self.norm(name="norm2")(conv2(y)))
+        y = self._drop(y, train)
+        y = self.norm(name="norm3", zero_init=self.zero_init_residual)(conv3(y))
+        return self._join(y, x, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inception (v1) and Network-in-Network
+# ---------------------------------------------------------------------------------------------------------
+
+
+class InceptionBlock(nn.Module):
+    """GoogLeNet's Inception module (Szegedy et al., 2014), four branches concatenated on channels:
+
+    1x1 | 1x1 reduce -> 3x3 | 1x1 reduce -> "5x5" | 3x3 max pool (stride 1) -> 1x1 projection.
+
+    ``kernel5`` is the kernel of the third branch: 5 as in the paper; torchvision's GoogLeNet uses 3 (a bug it
+    keeps for its pretrained weights). ``conv_block`` is a `ConvNormAct` partial. x: ``[N, H, W, Cin]`` ->
+    ``[N, H, W, ch1x1 + ch3x3 + ch5x5 + pool_proj]``.
+    """
+
+    ch1x1: int
+    ch3x3red: int
+    ch3x3: int
+    ch5x5red: int
+    ch5x5: int
+    pool_proj: int
+    kernel5: int = 5
+    pool: layers.PoolKind = "max"
+    conv_block: ModuleDef = ConvNormAct
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cb = self.conv_block
+        b1 = cb(self.ch1x1, kernel_size=1, name="branch1")(x)
+        b2 = cb(self.ch3x3red, kernel_size=1, name="branch2_reduce")(x)
+        b2 = cb(self.ch3x3, kernel_size=3, name="branch2")(b2)
+        b3 = cb(self.ch5x5red, kernel_size=1, name="branch3_reduce")(x)
+        b3 = cb(self.ch5x5, kernel_size=self.kernel5, name="branch3")(b3)
+        b4 = layers.Pool2d(self.pool, window=3, strides=1, padding=1, name="branch4_pool")(x)
+        b4 = cb(self.pool_proj, kernel_size=1, name="branch4")(b4)
+        return jnp.concatenate([b1, b2, b3, b4], axis=-1)
+
+
+class NiNBlock(nn.Module):
+    """Network-in-Network's "mlpconv" (Lin et al., 2013): a kxk conv then two 1x1 convs, each with norm and act.
+
+    ``features = (conv, mlp1, mlp2)`` channels. x: ``[N, H, W, Cin]`` -> ``[N, H', W', features[2]]``.
+    ``last_act=False`` leaves the activation off the last 1x1 (for a block that outputs class maps).
+    """
+
+    features: tuple[int, int, int]
+    kernel_size: int = 3
+    strides: int = 1
+    last_act: bool = True
+    conv: ModuleDef = layers.Conv2d
+    norm: ModuleDef = _no_norm
+    act: Callable[[jax.Array], jax.Array] = jax.nn.relu
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, m1, m2 = self.features
+        block = functools.partial(ConvNormAct, conv=self.conv, norm=self.norm, act=self.act)
+        x = block(c, kernel_size=self.kernel_size, strides=self.strides, name="conv")(x)
+        x = block(m1, kernel_size=1, name="mlp1")(x)
+        return block(m2, kernel_size=1, act=self.act if self.last_act else None, name="mlp2")(x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classifier head
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ClassifierHead(nn.Module):
+    """Feature map to logits: pool, hidden dense layers, logits.
+
+    ``kind='gap'``: global average pool ``[N, H, W, C] -> [N, C]``. ``kind='flatten'``: flatten to
+    ``[N, H * W * C]``, after `adaptive_avg_pool` to ``pool_size x pool_size`` when given (torchvision's VGG and
+    AlexNet). ``[N, D]`` inputs are used as they are. Then for each of ``hidden``: dense, act, dropout; with no
+    hidden layer the dropout acts on the pooled features. Submodules ``fc1``, ``fc2``, ... and ``logits``.
+
+    Returns ``(pre_logits [N, D'], logits [N, num_classes])``; pre_logits are the logits layer's input.
+    """
+
+    num_classes: int
+    kind: Literal["gap", "flatten"] = "gap"
+    pool_size: int | None = None
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.0
+    act: Callable[[jax.Array], jax.Array] = jax.nn.relu
+    dense: ModuleDef = layers.Dense
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        if x.ndim == 4:
+            if self.kind == "gap":
+                x = jnp.mean(x, axis=(1, 2))
+            elif self.kind == "flatten":
+                if self.pool_size is not None:
+                    x = adaptive_avg_pool(x, (self.pool_size, self.pool_size))
+                x = x.reshape(x.shape[0], -1)
+            else:
+                raise ValueError(f"unknown head {self.kind!r}; use 'gap' or 'flatten'")
+        elif x.ndim != 2:
+            raise ValueError(f"ClassifierHead expects [N, H, W, C] or [N, D], got {tuple(x.shape)}")
+        drop = functools.partial(nn.Dropout(self.dropout), deterministic=not train)
+        for i, units in enumerate(self.hidden):
+            x = self.act(self.dense(units, name=f"fc{i + 1}")(drop(x) if i else x))
+        return x, self.dense(self.num_classes, name="logits")(drop(x))
+
+
+__all__ = [
+    "BasicBlock",
+    "BottleneckBlock",
+    "ClassifierHead",
+    "ConvNormAct",
+    "InceptionBlock",
+    "NiNBlock",
+    "Shortcut",
+    "adaptive_avg_pool",
+    "check_downsample",
+    "conv_padding",
+]
