@@ -10,3 +10,4 @@ from jaxcnn.data.dataset import (
     list_datasets,
     load_split,
 )
+from jaxcnn.data.pipeline import DeviceEpochLoader, DeviceEvalSet, epoch_permutation, eval_batches, train_val_split
