@@ -230,7 +230,7 @@ def load_split(
         raise ValueError(f"source={source!r}: choose one of 'auto', 'archive', 'tfds'")
     if limit is not None and limit < 0:
         raise ValueError(f"limit={limit}: expected None or a number of examples >= 0")
-    # Deferred: the readers import each other's tables and TFDS is slow to import.
+    # Deferred: the readers import this module.
     from jaxcnn.data import sources
 
     info = DATASET_INFO[name]
@@ -251,4 +251,8 @@ def load_split(
                 sources.ways_to_get(name),
             ) from None
     dataset = ArrayDataset(images, labels, info.num_classes, f"{name}/{split}")
-    return dataset if limit is None else dataset.take(limit)
+    if limit is None or limit >= len(dataset):
+        return dataset
+    # Copies, so that the whole split is not kept alive behind a small view.
+    small = dataset.take(limit)
+    return dataclasses.replace(small, images=small.images.copy(), labels=small.labels.copy())

@@ -8,6 +8,9 @@ TensorFlow. (`tfds.data_source` reads only array_record builds and `tfds.load` o
 Small datasets are decoded once into an ArrayDataset; large ones (imagenet2012, imagenette) are returned as a
 `TFDSRandomAccessSource` that decodes one example per `source[i]`.
 
+TFDS stores the examples of a split in its own (shuffled) order, not the order of the official files, so a
+TFDS build and the archive reader give the same examples in a different order.
+
 Offline, TFDS builds from a `manual_dir` holding the official files (its checksum check needs the exact
 official bytes). `official_files_dir` finds them with the archive readers' search; for Debian's Fashion-MNIST
 it writes header-restored copies into a temporary folder first.
@@ -49,7 +52,10 @@ class TensorFlowMissingError(ImportError):
 
 
 def has_tensorflow() -> bool:
-    return importlib.util.find_spec("tensorflow") is not None
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _require_tensorflow(what: str) -> None:
@@ -190,7 +196,7 @@ def read_arrays(builder: Any, split: str, limit: int | None = None) -> tuple[np.
     """Decodes a whole prepared split: (images uint8 [N, H, W, C], labels int32 [N]).
 
     array_record builds are read with the random-access data source (no TensorFlow); tfrecord builds with
-    tfds.as_dataset(batch_size=-1), which needs TensorFlow.
+    tfds.as_dataset, which needs TensorFlow.
     """
     if "array_record" in _available_formats(builder):
         source = TFDSRandomAccessSource(builder, split, num_classes=0, name=builder.name, limit=limit)
@@ -207,8 +213,14 @@ def read_arrays(builder: Any, split: str, limit: int | None = None) -> tuple[np.
     import tensorflow_datasets as tfds
 
     tfds_split = split if limit is None else f"{split}[:{limit}]"
-    arrays = tfds.as_numpy(builder.as_dataset(split=tfds_split, batch_size=-1))
-    return np.asarray(arrays["image"], dtype=np.uint8), np.asarray(arrays["label"], dtype=np.int32)
+    # Fixed-size batches rather than batch_size=-1, which aborts the process under tfds.testing.mock_data.
+    batches = list(tfds.as_numpy(builder.as_dataset(split=tfds_split, batch_size=DECODE_CHUNK)))
+    if not batches:
+        shape = tuple(builder.info.features["image"].shape)
+        return np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32)
+    images = np.concatenate([b["image"] for b in batches]).astype(np.uint8, copy=False)
+    labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
+    return images[:limit], labels[:limit]
 
 
 def ways_to_get(name: str) -> list[str]:
