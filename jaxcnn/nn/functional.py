@@ -20,10 +20,12 @@ Padding is given the same way everywhere (convolution and pooling):
 
 from __future__ import annotations
 
+import operator
 from typing import Literal, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 PaddingMode = Literal["valid", "same", "full"]
@@ -42,13 +44,31 @@ _CONV_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _as_int(value) -> int | None:
+    """value as a Python int when it is an integer (Python or NumPy, not bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _int_pair(value) -> tuple[int, int] | None:
+    """An int -> (v, v); a pair of ints -> (h, w); anything else -> None."""
+    if _as_int(value) is not None:
+        return (_as_int(value), _as_int(value))
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        h, w = _as_int(value[0]), _as_int(value[1])
+        if h is not None and w is not None:
+            return (h, w)
+    return None
+
+
 def _pair(value: IntPair, what: str) -> tuple[int, int]:
     """An int or a pair of ints -> (h, w), each a positive int."""
-    if isinstance(value, (int,)) and not isinstance(value, bool):
-        pair = (value, value)
-    elif isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        pair = (int(value[0]), int(value[1]))
-    else:
+    pair = _int_pair(value)
+    if pair is None:
         raise ValueError(f"{what} must be an int or a pair of ints (h, w), got {value!r}")
     if min(pair) < 1:
         raise ValueError(f"{what} must be at least 1, got {value!r}")
@@ -84,12 +104,10 @@ def _axis_padding(
                 total = max((out - 1) * stride + k_eff - input_size, 0)
             return (total // 2, total - total // 2)
         raise ValueError(f"unknown padding mode {padding!r}; use one of {PADDING_MODES}, an int or pairs")
-    if isinstance(padding, int) and not isinstance(padding, bool):
-        lo = hi = padding
-    elif isinstance(padding, Sequence) and len(padding) == 2 and all(isinstance(p, int) for p in padding):
-        lo, hi = int(padding[0]), int(padding[1])
-    else:
+    pair = _int_pair(padding)
+    if pair is None:
         raise ValueError(f"padding of one axis must be a mode, an int or (lo, hi), got {padding!r}")
+    lo, hi = pair
     if lo < 0 or hi < 0:
         raise ValueError(f"padding must not be negative, got {padding!r}")
     return (lo, hi)
@@ -117,7 +135,7 @@ def resolve_padding(
     dh, dw = _pair(dilation, "dilation")
     sh, sw = _pair(strides, "strides")
     ih, iw = (None, None) if input_size is None else _pair(input_size, "input_size")
-    if isinstance(padding, str) or (isinstance(padding, int) and not isinstance(padding, bool)):
+    if isinstance(padding, str) or _as_int(padding) is not None:
         per_axis: tuple = (padding, padding)
     elif isinstance(padding, Sequence) and len(padding) == 2:
         per_axis = tuple(padding)
@@ -137,10 +155,10 @@ def conv_output_size(
     For dilation 1 and symmetric padding P that is the familiar ``floor((size + 2P - kernel) / stride) + 1``.
     Raises ValueError when the (dilated) kernel does not fit in the padded input.
     """
-    for name, value, minimum in (("size", size, 1), ("kernel", kernel, 1), ("stride", stride, 1),
-                                 ("dilation", dilation, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    for name, value in (("size", size), ("kernel", kernel), ("stride", stride), ("dilation", dilation)):
+        if _as_int(value) is None or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    size, kernel, stride, dilation = (operator.index(v) for v in (size, kernel, stride, dilation))
     lo, hi = _axis_padding(padding, kernel, dilation, stride, size)
     k_eff = effective_kernel_size(kernel, dilation)
     padded = size + lo + hi
@@ -292,9 +310,9 @@ def max_pool(
     """
     window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "max")
     if jnp.issubdtype(x.dtype, jnp.floating):
-        init = jnp.array(-jnp.inf, x.dtype)
+        init = np.array(-np.inf, x.dtype)  # a concrete scalar: lax picks the differentiable max reducer
     else:
-        init = jnp.array(jnp.iinfo(x.dtype).min, x.dtype)
+        init = np.array(np.iinfo(x.dtype).min, x.dtype)
     return _reduce_window(x, init, lax.max, window_hw, strides_hw, pads)
 
 
@@ -313,7 +331,7 @@ def avg_pool(
     """
     window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "average")
     x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
-    zero = jnp.array(0, x.dtype)
+    zero = np.array(0, x.dtype)
     sums = _reduce_window(x, zero, lax.add, window_hw, strides_hw, pads)
     no_padding = all(p == 0 for side in pads for p in side)
     if count_include_pad or no_padding:
@@ -332,7 +350,7 @@ def l2_pool(
     """
     window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "L2")
     x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
-    sums = _reduce_window(jnp.square(x), jnp.array(0, x.dtype), lax.add, window_hw, strides_hw, pads)
+    sums = _reduce_window(jnp.square(x), np.array(0, x.dtype), lax.add, window_hw, strides_hw, pads)
     return jnp.sqrt(sums)
 
 
