@@ -2,7 +2,7 @@
 
     loader = DeviceEpochLoader(train, batch_size=512, seed=0, sharding=NamedSharding(mesh, P("data")))
     for epoch in range(epochs):
-        for batch in loader.epoch(epoch):         # {'image': uint8 [B, H, W, C], 'label': int32 [B], 'index': int32 [B]}
+        for batch in loader.epoch(epoch):     # {'image': uint8 [B, H, W, C], 'label': int32 [B], 'index': int32 [B]}
             state, metrics = train_step(state, batch, rng)
     for batch in DeviceEvalSet(test, 1000, sharding):   # put once, iterate at every evaluation
         sums = eval_step(state, batch)            # batch also has 'mask': bool [B], False on padding

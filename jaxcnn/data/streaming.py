@@ -8,10 +8,10 @@
 
 Per epoch, every process computes the same permutation (`pipeline.epoch_permutation`) and reads the indices
 p, p + P, p + 2P, ... of it (process p of P). A grain pipeline maps `source[i]` -> decode (encoded PNG/JPEG
-bytes or an array) -> `transform` (resize/crop to a fixed size) in `num_threads` threads, optionally inside
-`num_workers` worker processes (grain interleaves their outputs back into the same order, so the batches do not
-depend on the worker count), and batches the examples. A background thread keeps `prefetch` batches in flight
-to the devices (`jax.make_array_from_process_local_data` with the batch sharding).
+bytes or an array) -> `transform` (resize/crop to a fixed size) and stacks the batch, `num_threads` batches at a
+time in reader threads, optionally inside `num_workers` worker processes (grain interleaves their outputs back
+into the same order, so the batches do not depend on the thread or worker count). A background thread keeps
+`prefetch` batches in flight to the devices (`jax.make_array_from_process_local_data` with the batch sharding).
 
 As with the device-resident loader, an epoch has N // B global batches (the rest of the permutation is dropped)
 and `start_step` resumes mid-epoch with exactly the remaining batches.
@@ -225,8 +225,9 @@ class StreamingLoader:
     batch_size: the global batch B (divisible by the device count of `sharding`; None = the first local
     device). transform: `(image, rng) -> uint8 [H, W, C]` of one shape for all examples (`CenterCrop`,
     `RandomResizedCrop`, or None when the source's images already share a shape). num_threads: reader threads
-    per process (or per worker); num_workers: worker processes (0 = threads only; the source and transform
-    must then pickle); prefetch: batches kept in flight to the devices.
+    per process (or per worker), each loading a whole batch; num_workers: worker processes (0 = threads only;
+    above 0 the source and transform must pickle, and starting the workers costs seconds per epoch); prefetch:
+    batches kept in flight to the devices.
 
     `epoch(e, start_step)` yields {'image': uint8 [B, H, W, C], 'label': int32 [B], 'index': int32 [B]}.
     """
@@ -281,12 +282,18 @@ class StreamingLoader:
         if len(indices) == 0:
             return iter(())
         load = _LoadExample(self.source, self.transform, self.seed, epoch)
-        read = grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=2 * self.local_batch_size)
-        examples = grain.MapDataset.source(indices.tolist()).map(load).to_iter_dataset(read)
+        # Each reader thread loads a whole batch: grain's per-element hand-off between threads costs more than
+        # reading a small image, so threads work on different batches, `num_threads` batches in flight.
+        batches = (
+            grain.MapDataset.source(indices.tolist())
+            .map(load)
+            .batch(self.local_batch_size, drop_remainder=True, batch_fn=_stack)
+            .to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.num_threads))
+        )
         if self.num_workers:
             _mark_absl_flags_parsed()
-            examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
-        return iter(examples.batch(self.local_batch_size, drop_remainder=True, batch_fn=_stack))
+            batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+        return iter(batches)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Global batches start_step, ..., steps_per_epoch - 1 of `epoch`, on the devices."""
