@@ -140,7 +140,7 @@ def _train_in(cfg: Config, rundir: "ckpt_lib.RunDirectory", main: bool, t_start:
     n_params = param_count(state.params)
 
     # Resume: the latest good checkpoint, its data position, and a check that the config matches.
-    checkpointer = ckpt_lib.RunCheckpointer(workdir, cfg, main=main)
+    checkpointer = ckpt_lib.RunCheckpointer(workdir, cfg, main=main, steps_per_epoch=steps_per_epoch)
     restored = checkpointer.restore(state) if cfg.checkpoint.resume else None
     start_step = 0
     if restored is not None:
@@ -159,11 +159,12 @@ def _train_in(cfg: Config, rundir: "ckpt_lib.RunDirectory", main: bool, t_start:
         ema_decay=cfg.optim.ema_decay, eval_ema=cfg.optim.eval_ema,
         compute_dtype=jnp.dtype(cfg.train.compute_dtype), steps_per_epoch=steps_per_epoch,
         check_finite=cfg.train.check_finite,
+        freeze_stats=transfer.stats_freezer(variables, cfg.transfer, steps_per_epoch),
     )
     train_step = strategy.compile_train_step(make_train_step(opts, axis_name=strategy.axis_name))
     eval_step = strategy.compile_eval_step(make_eval_step(opts, axis_name=strategy.axis_name))
     state = strategy.place_state(state)
-    loader = DeviceEpochLoader(data.train, cfg.data.batch_size, cfg.seed, sharding=strategy.batch_sharding)
+    loader = DeviceEpochLoader(data.train, cfg.data.batch_size, seed=cfg.seed, sharding=strategy.batch_sharding)
     eval_sets = {
         name: DeviceEvalSet(ds, cfg.data.eval_batch_size, sharding=strategy.batch_sharding)
         for name, ds in data.evals.items()
@@ -203,7 +204,9 @@ def _train_in(cfg: Config, rundir: "ckpt_lib.RunDirectory", main: bool, t_start:
                     t_interval, steps_in_interval = time.perf_counter(), 0
                     progress.reset_clock()
                 end_of_epoch = step % steps_per_epoch == 0
-                if step % log_every == 0 or step == total_steps or end_of_epoch:
+                # Also at checkpoint steps (exact every_steps) and right after a SIGTERM/SIGINT (stop after this step).
+                if (step % log_every == 0 or step == total_steps or end_of_epoch or rundir.stop_requested
+                        or checkpointer.save_due(step, end_of_epoch)):
                     mean = _mean_metrics(history)
                     history.clear()
                     now = time.perf_counter()

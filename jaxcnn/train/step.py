@@ -45,6 +45,9 @@ class StepOptions:
     compute_dtype: Any = jnp.float32
     steps_per_epoch: int = 1  # for the alternating flip's epoch parity
     check_finite: bool = True
+    # Transfer learning: fn(old_stats, new_stats, step) -> stats, putting back frozen layers' BatchNorm statistics
+    # (jaxcnn.train.transfer.stats_freezer); None = all statistics update.
+    freeze_stats: Callable[[Any, Any, jax.Array], Any] | None = None
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
@@ -127,7 +130,7 @@ def make_train_step(opts: StepOptions, axis_name: str | None = None) -> Callable
 
         grads = _pmean(grads, axis_name)
         loss, acc = _pmean((loss, acc), axis_name)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
 
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -136,6 +139,8 @@ def make_train_step(opts: StepOptions, axis_name: str | None = None) -> Callable
             d = opts.ema_decay
             ema_params = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
 
+        if opts.freeze_stats is not None:
+            batch_stats = opts.freeze_stats(state.batch_stats, batch_stats, state.step)
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params
         )
