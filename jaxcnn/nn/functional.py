@@ -21,7 +21,7 @@ Padding is given the same way everywhere (convolution and pooling):
 from __future__ import annotations
 
 import operator
-from typing import Literal, Sequence, Union
+from typing import Any, Literal, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ AxisPadding = Union[PaddingMode, int, tuple[int, int]]
 # Two axes: a mode, an int, (ph, pw), or ((top, bottom), (left, right)).
 Padding = Union[PaddingMode, int, tuple[int, int], tuple[tuple[int, int], tuple[int, int]], Sequence]
 IntPair = Union[int, tuple[int, int]]
+Dtype = Any
 
 PADDING_MODES = ("valid", "same", "full")
 _CONV_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -301,6 +302,13 @@ def _reduce_window(x, init, op, window_hw, strides_hw, pads):
     )
 
 
+def _sum_dtypes(x: jax.Array) -> tuple[Dtype, jax.Array]:
+    """(output dtype, x to sum in): half-precision inputs are summed in float32 and the result cast back;
+    integer inputs give float32."""
+    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    return out_dtype, x.astype(jnp.promote_types(out_dtype, jnp.float32))
+
+
 def max_pool(
     x: jax.Array, window: IntPair, strides: IntPair | None = None, padding: Padding = "valid"
 ) -> jax.Array:
@@ -327,31 +335,34 @@ def avg_pool(
 
     Padded cells hold 0. ``count_include_pad=True`` divides every window's sum by the full window size
     ``KH * KW`` (PyTorch's default: border averages are pulled towards 0); ``False`` divides by the number of
-    real input cells in the window (TensorFlow/flax 'SAME' average pooling).
+    real input cells in the window (TensorFlow/flax 'SAME' average pooling). Sums are taken in at least float32.
     """
     window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "average")
-    x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
-    zero = np.array(0, x.dtype)
-    sums = _reduce_window(x, zero, lax.add, window_hw, strides_hw, pads)
+    out_dtype, acc = _sum_dtypes(x)
+    zero = np.array(0, acc.dtype)
+    sums = _reduce_window(acc, zero, lax.add, window_hw, strides_hw, pads)
     no_padding = all(p == 0 for side in pads for p in side)
     if count_include_pad or no_padding:
-        return sums / (window_hw[0] * window_hw[1])
-    ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+        return (sums / (window_hw[0] * window_hw[1])).astype(out_dtype)
+    ones = jnp.ones((1, *x.shape[1:3], 1), acc.dtype)
     counts = _reduce_window(ones, zero, lax.add, window_hw, strides_hw, pads)
-    return sums / counts
+    return (sums / counts).astype(out_dtype)
 
 
 def l2_pool(
     x: jax.Array, window: IntPair, strides: IntPair | None = None, padding: Padding = "valid"
 ) -> jax.Array:
-    """Square root of the sum of squares over each window (padded cells are 0).
+    """Square root of the sum of squares over each window (padded cells are 0; all-zero windows get gradient 0).
 
     x: ``[N, H, W, C]`` -> ``[N, H_out, W_out, C]``; ``strides`` default to the window.
     """
     window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "L2")
-    x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
-    sums = _reduce_window(jnp.square(x), np.array(0, x.dtype), lax.add, window_hw, strides_hw, pads)
-    return jnp.sqrt(sums)
+    out_dtype, acc = _sum_dtypes(x)
+    sums = _reduce_window(jnp.square(acc), np.array(0, acc.dtype), lax.add, window_hw, strides_hw, pads)
+    # sqrt has an infinite slope at 0: an all-zero window (after a ReLU, or in the padding) would give NaN
+    # gradients. The double `where` gives such windows the value 0 and the gradient 0 instead.
+    positive = sums > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sums, 1)), 0).astype(out_dtype)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

@@ -144,6 +144,42 @@ def test_conv_output_size_is_the_rule_and_the_actual_shape(size, kernel, stride,
     assert shape == (1, expected, 3, 2)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    size=st.integers(1, 30),
+    window=st.integers(1, 5),
+    stride=st.one_of(st.none(), st.integers(1, 4)),
+    pad=st.integers(0, 4),
+    mode=st.sampled_from(["explicit", "valid", "same"]),
+)
+def test_pool_output_shape_is_the_rule(size, window, stride, pad, mode):
+    s = window if stride is None else stride
+    lo, hi = {"explicit": (pad, pad), "valid": (0, 0), "same": same_padding(size, window, s)}[mode]
+    padding = (pad, 0) if mode == "explicit" else mode
+    expected = _out_size(size, lo, hi, window, s, 1)
+    x = jax.ShapeDtypeStruct((2, size, 4, 3), jnp.float32)
+    for pool in (F.max_pool, F.avg_pool, F.l2_pool):
+        run = lambda a: pool(a, (window, 1), None if stride is None else (stride, 1), padding)  # noqa: E731
+        if max(lo, hi) >= window:
+            with pytest.raises(ValueError, match="too large for window"):
+                jax.eval_shape(run, x)
+        elif expected < 1:
+            with pytest.raises(ValueError, match="larger than the padded input"):
+                jax.eval_shape(run, x)
+        else:
+            assert jax.eval_shape(run, x).shape == (2, expected, 4, 3)
+
+
+def test_numpy_integers_are_accepted_as_sizes():
+    assert F.conv_output_size(np.int64(28), np.int32(5)) == 24
+    assert F.resolve_padding(np.int64(1), (np.int64(3), 3)) == ((1, 1), (1, 1))
+    assert F.conv2d(jnp.ones((1, 5, 5, 1)), jnp.ones((3, 3, 1, 1)), strides=np.int64(2)).shape == (1, 2, 2, 1)
+    with pytest.raises(ValueError, match="strides must be an int or a pair"):
+        F.conv2d(jnp.ones((1, 5, 5, 1)), jnp.ones((3, 3, 1, 1)), strides=1.5)
+    with pytest.raises(ValueError, match="stride must be an int >= 1, got True"):
+        F.conv_output_size(5, 3, True)
+
+
 def test_resolve_padding_modes():
     assert F.resolve_padding("valid", 3) == ((0, 0), (0, 0))
     assert F.resolve_padding("same", 3) == ((1, 1), (1, 1))
@@ -353,3 +389,40 @@ def test_conv2d_is_differentiable_and_jittable():
         e[idx] = eps
         numeric = (loss(w + e) - loss(w - e)) / (2 * eps)
         np.testing.assert_allclose(float(g[idx]), float(numeric), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("pool", [F.max_pool, F.avg_pool, F.l2_pool], ids=lambda f: f.__name__)
+def test_pooling_gradients_under_jit_match_finite_differences(pool):
+    x = _rand(np.random.default_rng(11), 1, 5, 6, 2)
+
+    def loss(x):
+        return jnp.sum(pool(x, 3, 2, "same") ** 2)
+
+    g = np.asarray(jax.jit(jax.grad(loss))(x))
+    eps = 1e-2
+    for idx in [(0, 0, 0, 0), (0, 2, 3, 1), (0, 4, 5, 0), (0, 1, 4, 1)]:
+        e = np.zeros_like(x)
+        e[idx] = eps
+        numeric = (float(loss(x + e)) - float(loss(x - e))) / (2 * eps)
+        np.testing.assert_allclose(g[idx], numeric, rtol=2e-2, atol=2e-2)
+
+
+def test_l2_pool_of_zero_windows_has_value_and_gradient_zero():
+    x = jnp.zeros((1, 4, 4, 1)).at[0, 0, 0, 0].set(3.0)
+    y = F.l2_pool(x, 2)
+    np.testing.assert_array_equal(np.asarray(y)[0, :, :, 0], [[3, 0], [0, 0]])
+    g = jax.grad(lambda x: jnp.sum(F.l2_pool(x, 2, padding="same")))(x)
+    assert np.all(np.isfinite(np.asarray(g)))
+    assert float(g[0, 0, 0, 0]) == 1.0  # d/dx sqrt(x^2) at x = 3
+
+
+def test_pooling_keeps_bfloat16_and_sums_in_float32():
+    # 256 and 63 ones: summed in bfloat16 (8 significant bits, spacing 2 above 256) every 1 is lost and the
+    # mean comes out 4.0; summed in float32 it is 319 / 64 = 4.98, which bfloat16 holds to within 0.03.
+    x = jnp.ones((1, 8, 8, 1), jnp.bfloat16).at[0, 0, 0, 0].set(256)
+    y = F.avg_pool(x, 8)
+    assert y.dtype == jnp.bfloat16
+    assert abs(float(y[0, 0, 0, 0]) - 319 / 64) < 0.04
+    assert abs(float(F.l2_pool(x, 8)[0, 0, 0, 0]) - math.sqrt(256**2 + 63)) < 1.0
+    assert F.l2_pool(x, 2).dtype == jnp.bfloat16 and F.max_pool(x, 2).dtype == jnp.bfloat16
+    assert F.avg_pool(jnp.ones((1, 4, 4, 1), jnp.uint8), 2).dtype == jnp.float32
