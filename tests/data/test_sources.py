@@ -347,7 +347,9 @@ def test_cifar_damaged_tarball(isolated: Path) -> None:
         load_split("cifar10", "train", data_dir=str(isolated), source="archive")
     message = str(err.value)
     found = md5(tarball.read_bytes())
-    assert f"cifar-10-binary.tar.gz is damaged (md5 expected c32a1d4ab5d03f1284b67883e8d87530, found {found})" in message
+    assert (
+        f"cifar-10-binary.tar.gz is damaged (md5 expected c32a1d4ab5d03f1284b67883e8d87530, found {found})" in message
+    )
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz" in message and "JAXCNN_DATA_DIR" in message
 
 

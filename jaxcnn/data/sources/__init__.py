@@ -45,7 +45,7 @@ def ways_to_get(name: str) -> list[str]:
     """Every way to get `name`, one line each (the remedies of DatasetNotFoundError)."""
     if name in ARCHIVE_READERS:
         return ARCHIVE_READERS[name].ways_to_get(name)
-    return tfds_source.ways_to_get(name)
+    return tfds_source.ways_to_get(name)  # the datasets read only through TFDS
 
 
 __all__ = [

@@ -132,10 +132,12 @@ def prepare(
     manual_dir: a folder with the official files, to build offline (TFDS checks their checksums). None looks
     for them in the archive readers' folders (`official_files_dir`) and, if not found, downloads them.
     file_format: 'array_record' (read without TensorFlow by tfds.data_source) or 'tfrecord' (tfds.load).
+    Raises TensorFlowMissingError without TensorFlow, DatasetNotFoundError when the download or the files fail.
     """
     _check_name(name)
     _require_tensorflow(f"Preparing the TFDS dataset {name!r}")
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
     builder = _builder(name, data_dir)
     with contextlib.ExitStack() as stack:
@@ -144,7 +146,16 @@ def prepare(
         download_config = tfds.download.DownloadConfig(
             manual_dir=None if manual_dir is None else os.fspath(manual_dir), try_download_gcs=False
         )
-        builder.download_and_prepare(download_config=download_config, file_format=file_format)
+        try:
+            builder.download_and_prepare(download_config=download_config, file_format=file_format)
+        except (OSError, tfds.download.DownloadError, NonMatchingChecksumError) as e:
+            where = f"from the files in {manual_dir}" if manual_dir is not None else "by downloading"
+            raise DatasetNotFoundError(
+                name,
+                "all",
+                [f"TFDS could not prepare {name!r} {where}: {type(e).__name__}: {e}"],
+                ways_to_get(name),
+            ) from e
     return builder
 
 
@@ -224,17 +235,22 @@ def read_arrays(builder: Any, split: str, limit: int | None = None) -> tuple[np.
 
 
 def ways_to_get(name: str) -> list[str]:
-    """The TFDS-specific ways to get `name` (for the DatasetNotFoundError message)."""
+    """Every way to get `name` (the remedies of DatasetNotFoundError): the archive reader's ways for the
+    datasets that have one, else the TFDS ways."""
     _check_name(name)
-    if name in ("imagenet2012",):
+    from jaxcnn.data import sources  # deferred: jaxcnn.data.sources imports this module
+
+    if name in sources.ARCHIVE_READERS:
+        return sources.ways_to_get(name)
+    if name == "imagenet2012":
         return [
             "ImageNet cannot be downloaded automatically: get ILSVRC2012_img_train.tar and "
             "ILSVRC2012_img_val.tar from https://image-net.org/, put them in a folder FOLDER and run with "
             "--set data.source=tfds --set data.data_dir=FOLDER (TFDS manual_dir; needs pip install 'jaxcnn[tf]')"
         ]
     return [
-        f"download {' '.join(MANUAL_FILES[name])} (official files) into a folder FOLDER and run with "
-        "--set data.data_dir=FOLDER --set data.source=tfds (TFDS manual_dir, offline)",
+        f"download {' '.join(MANUAL_FILES[name])} (the official files) into a folder FOLDER and run with "
+        "--set data.data_dir=FOLDER --set data.source=tfds (TFDS builds from them offline, as its manual_dir)",
         *common_remedies(name)[1:],
     ]
 
