@@ -140,7 +140,7 @@ class DeviceEpochLoader:
     recompile it); they differ from epoch to epoch, so every example is still trained on.
     """
 
-    def __init__(self, dataset: ArrayDataset, batch_size: int, *, seed: int = 0, sharding: Sharding | None = None):
+    def __init__(self, dataset: ArrayDataset, batch_size: int, seed: int = 0, *, sharding: Sharding | None = None):
         self.sharding = default_batch_sharding() if sharding is None else sharding
         check_batch_size(batch_size, self.sharding)
         if batch_size > len(dataset):
