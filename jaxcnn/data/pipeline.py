@@ -53,9 +53,20 @@ def train_val_split(ds: ArrayDataset, val_size: int) -> tuple[ArrayDataset, Arra
 # ---------------------------------------------------------------------------------------------------------
 
 
-def default_batch_sharding() -> Sharding:
-    """The first local device: what `sharding=None` means for the loaders."""
-    return SingleDeviceSharding(jax.local_devices()[0])
+def batch_sharding(sharding: Sharding | None) -> Sharding:
+    """The loaders' batch sharding: None -> the first local device; NamedSharding(mesh, P('data', ...)) -> the
+    same with only its leading entry (images [B, H, W, C] and labels [B] share it). Other axes must be unsharded."""
+    if sharding is None:
+        return SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(sharding, NamedSharding):
+        if any(axis is not None for axis in tuple(sharding.spec)[1:]):
+            raise ValueError(
+                f"batch sharding {sharding.spec} shards more than the batch axis; the loaders shard only the "
+                "leading axis: pass NamedSharding(mesh, P('data'))"
+            )
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[:1]))
+    batch_shard_count(sharding)  # raises TypeError for kinds the loaders do not place
+    return sharding
 
 
 def batch_shard_count(sharding: Sharding) -> int:
@@ -91,7 +102,7 @@ def _stacked_sharding(sharding: Sharding) -> Sharding:
     return sharding
 
 
-def _process_rows(sharding: Sharding, batch_size: int) -> np.ndarray:
+def process_rows(sharding: Sharding, batch_size: int) -> np.ndarray:
     """Rows of each global batch held by this process's devices: int64 [B_local], sorted.
 
     This is the order `jax.make_array_from_process_local_data` expects the process-local rows in.
@@ -141,7 +152,7 @@ class DeviceEpochLoader:
     """
 
     def __init__(self, dataset: ArrayDataset, batch_size: int, seed: int = 0, *, sharding: Sharding | None = None):
-        self.sharding = default_batch_sharding() if sharding is None else sharding
+        self.sharding = batch_sharding(sharding)
         check_batch_size(batch_size, self.sharding)
         if batch_size > len(dataset):
             raise ValueError(
@@ -152,7 +163,7 @@ class DeviceEpochLoader:
         self.batch_size = batch_size
         self.seed = seed
         self.steps_per_epoch = len(dataset) // batch_size
-        self._rows = _process_rows(self.sharding, batch_size)
+        self._rows = process_rows(self.sharding, batch_size)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -195,7 +206,7 @@ class DeviceEvalSet:
     """
 
     def __init__(self, dataset: ArrayDataset, batch_size: int, *, sharding: Sharding | None = None):
-        self.sharding = default_batch_sharding() if sharding is None else sharding
+        self.sharding = batch_sharding(sharding)
         if batch_size <= 0:
             raise ValueError(f"eval batch_size must be positive, got {batch_size}")
         if len(dataset) == 0:
@@ -206,7 +217,7 @@ class DeviceEvalSet:
         self.batch_size = min(-(-batch_size // d) * d, -(-n // d) * d)
         self.num_batches = -(-n // self.batch_size)
         self.num_examples = n
-        rows = _process_rows(self.sharding, self.batch_size)
+        rows = process_rows(self.sharding, self.batch_size)
         positions = np.arange(self.num_batches * self.batch_size).reshape(-1, self.batch_size)[:, rows]
         mask = positions < n
         safe = np.where(mask, positions, 0)

@@ -32,13 +32,7 @@ from jax.sharding import Sharding
 from PIL import Image
 
 from jaxcnn.data.dataset import RandomAccessSource
-from jaxcnn.data.pipeline import (
-    Batch,
-    _process_rows,
-    check_batch_size,
-    default_batch_sharding,
-    epoch_permutation,
-)
+from jaxcnn.data.pipeline import Batch, batch_sharding, check_batch_size, epoch_permutation, process_rows
 
 # transform(image uint8 [h, w, c], rng) -> uint8 [H, W, C] of one fixed shape.
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -244,7 +238,7 @@ class StreamingLoader:
         num_workers: int = 0,
         prefetch: int = 2,
     ):
-        self.sharding = default_batch_sharding() if sharding is None else sharding
+        self.sharding = batch_sharding(sharding)
         check_batch_size(batch_size, self.sharding)
         if batch_size > len(source):
             raise ValueError(
@@ -258,7 +252,7 @@ class StreamingLoader:
         self.num_workers = num_workers
         self.prefetch = prefetch
         self.steps_per_epoch = len(source) // batch_size
-        self.local_batch_size = len(_process_rows(self.sharding, batch_size))
+        self.local_batch_size = len(process_rows(self.sharding, batch_size))
 
     def __len__(self) -> int:
         return self.steps_per_epoch

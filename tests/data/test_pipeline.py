@@ -123,6 +123,23 @@ def test_batch_size_not_divisible_by_devices_is_a_clear_error(sharding):
         DeviceEpochLoader(_dataset(10), 16, sharding=sharding)
 
 
+def test_a_two_axis_mesh_shards_the_batch_over_data_and_replicates_over_model():
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    ds = _dataset(100)
+    loader = DeviceEpochLoader(ds, 12, seed=3, sharding=NamedSharding(mesh, P("data", None, None, None)))
+    order = loader.epoch_indices(0)
+    for k, batch in enumerate(loader.epoch(0)):
+        shards = batch["image"].addressable_shards
+        assert len(shards) == 8 and len({s.index[0].start for s in shards}) == 4  # 4 parts, each on 2 devices
+        for shard in shards:
+            assert shard.data.shape[0] == 3
+            np.testing.assert_array_equal(np.asarray(shard.data), ds.images[order[k][shard.index[0]]])
+    with pytest.raises(ValueError, match="is not divisible by 4 devices; use 8 or 12"):
+        DeviceEpochLoader(ds, 10, sharding=NamedSharding(mesh, P("data")))
+    with pytest.raises(ValueError, match="shards more than the batch axis"):
+        DeviceEpochLoader(ds, 16, sharding=NamedSharding(mesh, P("data", "model")))
+
+
 def test_default_device_when_no_sharding_is_given():
     ds = _dataset(50)
     batch = next(iter(DeviceEpochLoader(ds, 10, seed=2).epoch(0)))
