@@ -204,33 +204,30 @@ class TFDSRandomAccessSource:
 
 
 def read_arrays(builder: Any, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Decodes a whole prepared split: (images uint8 [N, H, W, C], labels int32 [N]).
+    """Decodes a whole prepared split (its first `limit` examples): (images uint8 [N, H, W, C], labels int32 [N]).
 
     array_record builds are read with the random-access data source (no TensorFlow); tfrecord builds with
     tfds.as_dataset, which needs TensorFlow.
     """
     if "array_record" in _available_formats(builder):
-        source = TFDSRandomAccessSource(builder, split, num_classes=0, name=builder.name, limit=limit)
-        images, labels = [], []
+        num_classes = builder.info.features["label"].num_classes
+        source = TFDSRandomAccessSource(builder, split, num_classes, name=builder.name, limit=limit)
+        parts = []
         for start in range(0, len(source), DECODE_CHUNK):
-            batch = source.__getitems__(list(range(start, min(start + DECODE_CHUNK, len(source)))))
-            images += [e["image"] for e in batch]
-            labels += [e["label"] for e in batch]
-        shape = tuple(builder.info.features["image"].shape)
-        if not images:
-            return np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32)
-        return np.stack(images), np.asarray(labels, dtype=np.int32)
-    _require_tensorflow(f"Reading the tfrecord TFDS build of {builder.name!r} in {builder.data_dir}")
-    import tensorflow_datasets as tfds
+            chunk = source.__getitems__(list(range(start, min(start + DECODE_CHUNK, len(source)))))
+            parts.append((np.stack([e["image"] for e in chunk]), np.array([e["label"] for e in chunk])))
+    else:
+        _require_tensorflow(f"Reading the tfrecord TFDS build of {builder.name!r} in {builder.data_dir}")
+        import tensorflow_datasets as tfds
 
-    tfds_split = split if limit is None else f"{split}[:{limit}]"
-    # Fixed-size batches rather than batch_size=-1, which aborts the process under tfds.testing.mock_data.
-    batches = list(tfds.as_numpy(builder.as_dataset(split=tfds_split, batch_size=DECODE_CHUNK)))
-    if not batches:
-        shape = tuple(builder.info.features["image"].shape)
-        return np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32)
-    images = np.concatenate([b["image"] for b in batches]).astype(np.uint8, copy=False)
-    labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
+        tfds_split = split if limit is None else f"{split}[:{limit}]"
+        # Fixed-size batches rather than batch_size=-1, which aborts the process under tfds.testing.mock_data.
+        batches = tfds.as_numpy(builder.as_dataset(split=tfds_split, batch_size=DECODE_CHUNK))
+        parts = [(b["image"], b["label"]) for b in batches]
+    if not parts:
+        return np.zeros((0, *builder.info.features["image"].shape), np.uint8), np.zeros((0,), np.int32)
+    images = np.concatenate([p[0] for p in parts]).astype(np.uint8, copy=False)
+    labels = np.concatenate([p[1] for p in parts]).astype(np.int32)
     return images[:limit], labels[:limit]
 
 
@@ -283,4 +280,5 @@ def load(
     if info.large:
         return TFDSRandomAccessSource(builder, split, info.num_classes, f"{name}/{split}", limit=limit)
     images, labels = read_arrays(builder, split, limit)
-    return ArrayDataset(images, labels, info.num_classes, f"{name}/{split}")
+    suffix = "" if limit is None or limit > len(labels) else f"[:{limit}]"
+    return ArrayDataset(images, labels, info.num_classes, f"{name}/{split}{suffix}")
