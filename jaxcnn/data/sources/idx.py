@@ -190,7 +190,7 @@ def read_idx_folder(
         )
     if labels.size and labels.max() >= info.num_classes:
         raise UnusableFolder(f"{labels_name} has label {labels.max()}, expected < {info.num_classes}")
-    return images[..., None], labels.astype(np.int32)
+    return images[..., None].copy(), labels.astype(np.int32)  # writable copies of the read-only buffers
 
 
 def ways_to_get(dataset: str) -> list[str]:
