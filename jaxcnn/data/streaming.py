@@ -257,7 +257,9 @@ class StreamingLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def process_indices(self, epoch: int, process_index: int | None = None, process_count: int | None = None):
+    def process_indices(
+        self, epoch: int, process_index: int | None = None, process_count: int | None = None
+    ) -> np.ndarray:
         """The source indices this process reads in `epoch`, in order: int64 [steps_per_epoch * B_local].
 
         Process p of P reads entries p, p + P, ... of the epoch's permutation; batch k is the k-th run of
