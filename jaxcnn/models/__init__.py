@@ -13,7 +13,7 @@ from jaxcnn.models.registry import (
     register,
     register_model,
 )
-from jaxcnn.models import mlp, lenet  # noqa: E402,F401  (registers the models)
+from jaxcnn.models import alexnet, googlenet, lenet, mlp, nin, resnet, vgg  # noqa: E402,F401  (registers the models)
 
 __all__ = [
     "ModelConfigError",

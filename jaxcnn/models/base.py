@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxcnn.models.registry import ModelConfigError
 from jaxcnn.nn import layers
+from jaxcnn.nn.blocks import ClassifierHead
 
 DTypeName = Literal["float32", "bfloat16"]
 HeadKind = Literal["gap", "flatten"]
@@ -81,10 +82,20 @@ class ClassifierBase(nn.Module):
             self._fail(f"bn_virtual_batch_size={self.bn_virtual_batch_size} must be at least 1 (or None)")
         if self.norm_groups < 1:
             self._fail(f"norm_groups={self.norm_groups} must be at least 1")
-        for knob in ("width",):
+        for knob in ("width", "kernel_size", "head_pool_size"):
             value = getattr(self, knob, None)
             if value is not None and value <= 0:
                 self._fail(f"{knob}={value} must be positive")
+        for knob in ("head_hidden", "stage_sizes", "stage_widths", "conv_channels", "kernel_sizes", "hidden"):
+            value = getattr(self, knob, None)
+            if value is not None and any(v < 1 for v in value):
+                self._fail(f"{knob}={value}: every entry must be at least 1")
+
+    def check_same_length(self, **tuples: tuple[int, ...]) -> None:
+        """Fails unless the given tuple knobs are non-empty and of one length (e.g. one width per stage)."""
+        if len({len(v) for v in tuples.values()}) != 1 or not next(iter(tuples.values())):
+            given = " and ".join(f"{k}={v}" for k, v in tuples.items())
+            self._fail(f"{given} must be non-empty and of the same length (one entry per stage)")
 
     # --- layer factories, for use inside __call__ ----------------------------------------------------------
 
@@ -141,6 +152,24 @@ class ClassifierBase(nn.Module):
         if return_features:
             return {**features, "logits": logits}
         return logits
+
+    def classify(
+        self, x: jax.Array, train: bool, features: dict[str, jax.Array], return_features: bool
+    ) -> jax.Array | dict[str, jax.Array]:
+        """The head (submodule ``head``) from the model's ``head``, ``head_pool_size``, ``head_hidden`` and
+        ``dropout`` knobs (GAP without hidden layers for models without them), then `finish`."""
+        head = ClassifierHead(
+            self.num_classes,
+            kind=getattr(self, "head", "gap"),
+            pool_size=getattr(self, "head_pool_size", None),
+            hidden=getattr(self, "head_hidden", ()),
+            dropout=self.dropout,
+            act=self.act_fn,
+            dense=self.dense_def(),
+            name="head",
+        )
+        pre_logits, logits = head(x, train)
+        return self.finish({**features, "pre_logits": pre_logits}, logits, return_features)
 
 
 __all__ = ["ClassifierBase", "DTypeName", "DownsampleKind", "HeadKind", "ModuleDef"]

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from jaxcnn.models.base import ClassifierBase, HeadKind
 from jaxcnn.models.registry import register
 from jaxcnn.nn import layers
-from jaxcnn.nn.blocks import ClassifierHead
 
 
 @register("lenet5", description="LeNet-5: conv5x5x6-pool-conv5x5x16-pool-fc120-fc84; 61,706 params on 32x32x1")
@@ -46,10 +45,8 @@ class LeNet5(ClassifierBase):
 
     def check_knobs(self) -> None:
         super().check_knobs()
-        if not self.conv_channels or any(c < 1 for c in self.conv_channels):
-            self._fail(f"conv_channels={self.conv_channels}: give at least one positive channel count")
-        if self.kernel_size < 1:
-            self._fail(f"kernel_size={self.kernel_size} must be at least 1")
+        if not self.conv_channels:
+            self._fail("conv_channels=(): give at least one conv layer")
         if self.pad_to is not None and self.pad_to < 1:
             self._fail(f"pad_to={self.pad_to} must be a positive size or None")
 
@@ -71,9 +68,4 @@ class LeNet5(ClassifierBase):
             if self.downsample == "pool":
                 x = layers.Pool2d(self.pool, window=2, strides=2, name=f"{k}_pool")(x)
             features[k] = x
-        head = ClassifierHead(
-            self.num_classes, kind=self.head, hidden=self.head_hidden, dropout=self.dropout, act=self.act_fn,
-            dense=self.dense_def(), name="head",
-        )
-        pre_logits, logits = head(x, train)
-        return self.finish({**features, "pre_logits": pre_logits}, logits, return_features)
+        return self.classify(x, train, features, return_features)

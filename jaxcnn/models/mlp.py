@@ -9,7 +9,6 @@ import flax.linen as nn
 from jaxcnn.models.base import ClassifierBase
 from jaxcnn.models.registry import register
 from jaxcnn.nn import layers
-from jaxcnn.nn.blocks import ClassifierHead
 
 
 @register("mlp", description="MLP on flattened images; LeCun et al. (1998) 784-300-100-10: 266,610 params on 28x28x1")
@@ -28,11 +27,6 @@ class MLP(ClassifierBase):
     hidden: tuple[int, ...] = (300, 100)
     width: float = 1.0
 
-    def check_knobs(self) -> None:
-        super().check_knobs()
-        if any(h < 1 for h in self.hidden):
-            self._fail(f"hidden={self.hidden}: every hidden size must be at least 1")
-
     @nn.compact
     def __call__(
         self, x: jax.Array, train: bool = False, return_features: bool = False
@@ -48,5 +42,4 @@ class MLP(ClassifierBase):
                 x = drop(x, deterministic=not train)
             x = self.act_fn(norm(name=f"norm{i + 1}")(dense(self.scaled(units), name=f"fc{i + 1}")(x)))
             features[f"block{i + 1}"] = x
-        pre_logits, logits = ClassifierHead(self.num_classes, dropout=self.dropout, dense=dense, name="head")(x, train)
-        return self.finish({**features, "pre_logits": pre_logits}, logits, return_features)
+        return self.classify(x, train, features, return_features)

@@ -281,13 +281,14 @@ class InceptionBlock(nn.Module):
 
 
 class NiNBlock(nn.Module):
-    """Network-in-Network's "mlpconv" (Lin et al., 2013): a kxk conv then two 1x1 convs, each with norm and act.
+    """Network-in-Network's "mlpconv" (Lin et al., 2013): a kxk conv then 1x1 convs, each with norm and act.
 
-    ``features = (conv, mlp1, mlp2)`` channels. x: ``[N, H, W, Cin]`` -> ``[N, H', W', features[2]]``.
-    ``last_act=False`` leaves the activation off the last 1x1 (for a block that outputs class maps).
+    ``features = (conv, mlp1, mlp2, ...)`` channels (the paper's blocks have two 1x1 convs). Submodules ``conv``,
+    ``mlp1``, ``mlp2``, ... x: ``[N, H, W, Cin]`` -> ``[N, ceil(H / strides), ceil(W / strides), features[-1]]``.
+    ``last_act=False`` leaves the activation off the last layer (for a block that outputs class maps).
     """
 
-    features: tuple[int, int, int]
+    features: tuple[int, ...]
     kernel_size: int = 3
     strides: int = 1
     last_act: bool = True
@@ -297,11 +298,13 @@ class NiNBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c, m1, m2 = self.features
-        block = functools.partial(ConvNormAct, conv=self.conv, norm=self.norm, act=self.act)
-        x = block(c, kernel_size=self.kernel_size, strides=self.strides, name="conv")(x)
-        x = block(m1, kernel_size=1, name="mlp1")(x)
-        return block(m2, kernel_size=1, act=self.act if self.last_act else None, name="mlp2")(x)
+        block = functools.partial(ConvNormAct, conv=self.conv, norm=self.norm)
+        last = len(self.features) - 1
+        for i, channels in enumerate(self.features):
+            act = self.act if (i < last or self.last_act) else None
+            k, s = (self.kernel_size, self.strides) if i == 0 else (1, 1)
+            x = block(channels, kernel_size=k, strides=s, act=act, name="conv" if i == 0 else f"mlp{i}")(x)
+        return x
 
 
 # ---------------------------------------------------------------------------------------------------------
