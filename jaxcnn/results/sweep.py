@@ -266,7 +266,7 @@ def _read_status(run_dir: Path) -> dict[str, Any]:
 def _write_status(run_dir: Path, status: str, **extra: Any) -> None:
     previous = _read_status(run_dir)
     record = {"status": status, "attempt": previous.get("attempt", 0) + (status == "running"),
-              "started": previous.get("started"), **extra}
+              "started": previous.get("started"), "pid": previous.get("pid"), **extra}
     if status == "running":
         record["started"] = _now()
     else:
