@@ -81,7 +81,7 @@ def test_tensorboard_reads_the_event_files(tmp_path):
     ],
 )
 def test_cli_config_errors_are_one_clear_line(args, fragments):
-    r = run_cli("train", EXPERIMENT, *args, timeout=120)
+    r = run_cli("train", EXPERIMENT, *args, timeout=600)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr
     for f in fragments:
@@ -91,13 +91,13 @@ def test_cli_config_errors_are_one_clear_line(args, fragments):
 def test_missing_dataset_is_a_clear_error(tmp_path):
     r = run_cli("train", "experiments/mnist_lenet5.py", "--workdir", str(tmp_path / "w"),
                 "--set", f"data.data_dir={tmp_path / 'empty'}", env_extra={"JAXCNN_DATA_DIR": str(tmp_path / "none")},
-                timeout=120)
+                timeout=600)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "train-images-idx3-ubyte.gz" in r.stderr
 
 
 def test_models_command_lists_the_registry():
-    r = run_cli("models", timeout=120)
+    r = run_cli("models", timeout=600)
     assert r.returncode == 0
     names = r.stdout.split()
     assert "lenet5" in names and "mlp" in names

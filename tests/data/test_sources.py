@@ -211,8 +211,11 @@ def test_nothing_found_lists_folders_files_and_every_way(isolated: Path, monkeyp
 def test_search_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(locate.DATA_DIR_ENV, str(tmp_path / "env"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    dirs = locate.search_dirs("fashion_mnist", tmp_path / "arg")
-    assert dirs[:3] == [tmp_path / "arg", tmp_path / "arg/fashion_mnist", tmp_path / "arg/fashion-mnist"]
+    # An explicit folder is the only place searched: no silent fallback to another copy.
+    explicit = locate.search_dirs("fashion_mnist", tmp_path / "arg")
+    assert explicit[:3] == [tmp_path / "arg", tmp_path / "arg/fashion_mnist", tmp_path / "arg/fashion-mnist"]
+    assert all(str(d).startswith(str(tmp_path / "arg")) for d in explicit)
+    dirs = locate.search_dirs("fashion_mnist")
     assert dirs.index(tmp_path / "env") < dirs.index(tmp_path / "env/fashion_mnist")
     assert dirs.index(tmp_path / "env/fashion_mnist") < dirs.index(Path("/usr/share/datasets/fashion-mnist"))
     assert dirs[-1] == tmp_path / "cache/jaxcnn/fashion_mnist"

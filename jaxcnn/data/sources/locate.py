@@ -42,15 +42,20 @@ def user_cache_dir(dataset: str) -> Path:
 def search_dirs(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """The folders searched for `dataset`'s official files, in order, without duplicates.
 
-    data_dir (the config's data.data_dir), then $JAXCNN_DATA_DIR, each as given and with a <dataset>
-    subfolder; then the system/shared places for this dataset; then ~/.cache/jaxcnn/<dataset>.
+    An explicit data_dir (the config's data.data_dir) is the only place searched, as given and with a <dataset>
+    subfolder: a user who names a folder gets that folder or an error, never a silent fallback to another copy.
+    Without it: $JAXCNN_DATA_DIR (as given and with a <dataset> subfolder), then the system/shared places for this
+    dataset, then ~/.cache/jaxcnn/<dataset>.
     """
     subfolders = (dataset, *FOLDER_ALIASES.get(dataset, ()))
+    if data_dir is not None:
+        base_path = Path(data_dir).expanduser()
+        return [base_path] + [base_path / s for s in subfolders]
     dirs: list[Path] = []
-    for base in (data_dir, os.environ.get(DATA_DIR_ENV) or None):
-        if base is not None:
-            base_path = Path(base).expanduser()
-            dirs += [base_path] + [base_path / s for s in subfolders]
+    env_dir = os.environ.get(DATA_DIR_ENV) or None
+    if env_dir is not None:
+        base_path = Path(env_dir).expanduser()
+        dirs += [base_path] + [base_path / s for s in subfolders]
     dirs += [Path(p) for p in SYSTEM_FOLDERS.get(dataset, ())]
     for rel in SHARED_FOLDERS.get(dataset, ()):
         dirs += [REPO_ROOT / rel, Path.cwd() / rel]
