@@ -194,12 +194,11 @@ def test_missing_file(isolated: Path, mnist_dir: Path) -> None:
 def test_nothing_found_lists_folders_files_and_every_way(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(locate.DATA_DIR_ENV, str(isolated / "env"))
     with pytest.raises(DatasetNotFoundError) as err:
-        load_split("fashion_mnist", "train", data_dir=str(isolated))  # auto: archive, then TFDS
+        load_split("fashion_mnist", "train")  # auto: archive (env folder, cache), then TFDS
     e = err.value
     message = str(e)
     assert isinstance(e, FileNotFoundError) and (e.dataset, e.split) == ("fashion_mnist", "train")
     assert "train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz" in message
-    assert f"{isolated}: none of the files" in message
     assert str(isolated / "env" / "fashion_mnist") in message  # the env folder and its <dataset> subfolder
     assert str(isolated.parent / "cache" / "jaxcnn" / "fashion_mnist") in message
     assert "No prepared TFDS build of 'fashion_mnist'" in message
