@@ -157,7 +157,7 @@ def _train_in(cfg: Config, rundir: "ckpt_lib.RunDirectory", main: bool, t_start:
         crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, cutout=cfg.data.cutout, tta=cfg.data.tta,
         label_smoothing=cfg.optim.label_smoothing, accum_steps=cfg.optim.accum_steps,
         ema_decay=cfg.optim.ema_decay, eval_ema=cfg.optim.eval_ema,
-        compute_dtype=jnp.dtype(cfg.train.compute_dtype), steps_per_epoch=steps_per_epoch,
+        compute_dtype=jnp.dtype(cfg.train.compute_dtype), steps_per_epoch=steps_per_epoch, flip_seed=cfg.seed,
         check_finite=cfg.train.check_finite,
         freeze_stats=transfer.stats_freezer(variables, cfg.transfer, steps_per_epoch),
     )

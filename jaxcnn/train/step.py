@@ -44,6 +44,7 @@ class StepOptions:
     eval_ema: bool = False
     compute_dtype: Any = jnp.float32
     steps_per_epoch: int = 1  # for the alternating flip's epoch parity
+    flip_seed: int = 0  # which half of the examples the alternating flip mirrors first (the run's seed)
     check_finite: bool = True
     # Transfer learning: fn(old_stats, new_stats, step) -> stats, putting back frozen layers' BatchNorm statistics
     # (jaxcnn.train.transfer.stats_freezer); None = all statistics update.
@@ -69,6 +70,7 @@ def _inputs(batch: Batch, rng: jax.Array | None, opts: StepOptions, epoch: jax.A
             cutout=opts.cutout,
             epoch=epoch,
             indices=batch.get("index"),
+            flip_seed=opts.flip_seed,
         )
     return augment.preprocess(images, mean=opts.mean, std=opts.std, normalize=opts.normalize, dtype=opts.compute_dtype)
 
