@@ -95,6 +95,8 @@ RESUME_IGNORED_KEYS: tuple[str, ...] = (
 class WorkdirError(RuntimeError):
     """The workdir cannot hold a run: unwritable, (nearly) full, or in use by another run."""
 
+    jaxcnn_user_error = True  # the CLI prints the message alone (jaxcnn.errors)
+
 
 class ConfigMismatchError(ConfigError):
     """A resume whose config differs from the checkpoint's in keys that change the result."""
