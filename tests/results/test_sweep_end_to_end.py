@@ -66,9 +66,13 @@ def test_tiny_sweep_trains_every_run_skips_them_on_rerun_and_reports(tmp_path, m
         ("model.pool=max", "0", "done"), ("model.pool=max", "1", "done"),
         ("model.pool=avg", "0", "done"), ("model.pool=avg", "1", "done"),
     ]
+    # LeNet-5 multiply-adds on a 32x32 (padded) image, by hand: conv1 28*28*6*25 + conv2 10*10*16*150
+    # + fc 400*120 + 120*84 + 84*10 = 416,520; FLOPs = 2 x MACs.
+    lenet5_flops = 2 * (28 * 28 * 6 * 25 + 10 * 10 * 16 * 150 + 400 * 120 + 120 * 84 + 84 * 10)
     for r, d in zip(rows, dirs):
         assert float(r["test_accuracy"]) == pytest.approx(summaries[d]["test_accuracy"])
         assert int(r["params"]) == 61706 and r["model.pool"] == d.split("=")[1].split("/")[0]
+        assert int(r["flops"]) == lenet5_flops
     md = (workdir / "results.md").read_text()
     assert "| model.pool=max | 2 |" in md and "| model.pool=avg | 2 |" in md
     _png_ok(workdir / "accuracy.png")
