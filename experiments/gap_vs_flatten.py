@@ -1,0 +1,33 @@
+"""Global average pooling head vs flatten + fully connected head, in LeNet-5 on Fashion-MNIST.
+
+Command:   python -m jaxcnn sweep experiments/gap_vs_flatten.py --workdir runs/gap_vs_flatten
+Question:  the head of LeNet-5 flattens its 16x5x5 feature maps into fc120-fc84 (most of its parameters). Network
+           in Network (Lin et al. 2014) and every ResNet average each feature map to one number instead: far
+           fewer parameters, and no dependence on where in the image a feature was seen. What does it cost?
+           Variants: flatten (the default), GAP followed by the same fc120-fc84, and GAP straight to the logits.
+Runtime:   not measured yet
+Expected:  not measured yet
+Full size: --set data.train_limit=none --set train.epochs=20.
+"""
+
+from jaxcnn.config import Config, DataConfig, OptimConfig, ScheduleConfig, TrainConfig
+from jaxcnn.results.sweep import chain, named, product, seeds
+
+
+def get_config() -> Config:
+    return Config(
+        model={"name": "lenet5"},
+        data=DataConfig(name="fashion_mnist", train_limit=10000, batch_size=128),
+        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
+        train=TrainConfig(epochs=3, log_every_steps=20),
+    )
+
+
+def sweep() -> list[dict]:
+    variants = chain(
+        named("flatten-fc120-fc84", {"model.head": "flatten"}),
+        named("gap-fc120-fc84", {"model.head": "gap"}),
+        named("gap-linear", {"model.head": "gap", "model.head_hidden": ()}),
+    )
+    return product(variants, seeds(3))

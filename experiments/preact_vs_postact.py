@@ -1,0 +1,31 @@
+"""Pre-activation vs post-activation residual blocks (He et al. 2016, "Identity Mappings in Deep Residual Networks").
+
+Command:   python -m jaxcnn sweep experiments/preact_vs_postact.py --workdir runs/preact_vs_postact
+Question:  post-activation blocks (conv-BN-ReLU-conv-BN, add, ReLU: the original ResNet) put a ReLU on the
+           shortcut path after every addition; pre-activation blocks (BN-ReLU-conv-BN-ReLU-conv, add) keep the
+           shortcut a pure identity from input to output. Does it matter for a 20-layer network? The same
+           ResNet-20 at half width (8/16/32 channels) on Fashion-MNIST, option-A shortcuts in both, only
+           `model.preact` changes.
+Runtime:   not measured yet
+Expected:  not measured yet
+Full size: --set data.train_limit=none --set train.epochs=30 --set model.name=resnet110 --set model.width=1.0
+           --set model.stem_width=16 (He et al. 2016 report CIFAR-10 error 6.61% post-activation vs 6.37%
+           pre-activation for ResNet-110, and a larger gap at 1001 layers; literature).
+"""
+
+from jaxcnn.config import Config, DataConfig, OptimConfig, ScheduleConfig, TrainConfig
+from jaxcnn.results.sweep import grid, product, seeds
+
+
+def get_config() -> Config:
+    return Config(
+        model={"name": "resnet20", "width": 0.5, "stem_width": 8},
+        data=DataConfig(name="fashion_mnist", train_limit=3000, batch_size=128),
+        optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
+        schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
+        train=TrainConfig(epochs=3, log_every_steps=6),
+    )
+
+
+def sweep() -> list[dict]:
+    return product(grid({"model.preact": [False, True]}), seeds(3))
