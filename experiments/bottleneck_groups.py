@@ -12,7 +12,8 @@ Question:  a bottleneck block (1x1 reduce, 3x3, 1x1 expand) lets a network carry
            The table's parameter and FLOP columns say what each costs.
 Runtime:   not measured yet
 Expected:  not measured yet
-Full size: --set data.train_limit=none --set train.epochs=20.
+Full size: --set data.train_limit=none --set data.test_limit=none --set train.eval_every_epochs=1
+           --set train.epochs=20.
 """
 
 from jaxcnn.config import Config, DataConfig, OptimConfig, ScheduleConfig, TrainConfig
@@ -22,10 +23,10 @@ from jaxcnn.results.sweep import chain, named, product, seeds
 def get_config() -> Config:
     return Config(
         model={"name": "resnet20", "stage_sizes": (1, 1, 1)},
-        data=DataConfig(name="fashion_mnist", train_limit=3000, batch_size=128),
+        data=DataConfig(name="fashion_mnist", train_limit=2000, test_limit=5000, batch_size=128),
         optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
-        train=TrainConfig(epochs=3, log_every_steps=6),
+        train=TrainConfig(epochs=2, log_every_steps=5, eval_every_epochs=0),
     )
 
 

@@ -7,7 +7,8 @@ Question:  He et al. (2016) found that a deeper plain network (no shortcuts) tra
            three stages see 28, 14 and 7 pixels), at half width (8/16/32 channels) so that CPU runs stay short.
 Runtime:   not measured yet
 Expected:  not measured yet
-Full size: --set data.train_limit=none --set train.epochs=30 --set model.width=1.0 --set model.stem_width=16, or
+Full size: --set data.train_limit=none --set data.test_limit=none --set train.eval_every_epochs=1
+           --set train.epochs=30 --set model.width=1.0 --set model.stem_width=16, or
            experiments/cifar10_resnet_he.py for the paper's setting (He et al. report 8.75% error for ResNet-20
            and 6.97% for ResNet-56 on CIFAR-10, and plain-56 above plain-20 in their Fig. 6; literature).
 """
@@ -19,10 +20,10 @@ from jaxcnn.results.sweep import grid, product, seeds
 def get_config() -> Config:
     return Config(
         model={"name": "resnet20", "width": 0.5, "stem_width": 8},
-        data=DataConfig(name="fashion_mnist", train_limit=3000, batch_size=128),
+        data=DataConfig(name="fashion_mnist", train_limit=2000, test_limit=5000, batch_size=128),
         optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
-        train=TrainConfig(epochs=3, log_every_steps=6),
+        train=TrainConfig(epochs=2, log_every_steps=5, eval_every_epochs=0),
     )
 
 

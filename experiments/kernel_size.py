@@ -11,7 +11,8 @@ Question:  VGG (Simonyan & Zisserman 2015) argued for stacks of 3x3 convolutions
            each layer's receptive field.
 Runtime:   not measured yet
 Expected:  not measured yet
-Full size: --set data.train_limit=none --set train.epochs=20.
+Full size: --set data.train_limit=none --set data.test_limit=none --set train.eval_every_epochs=1
+           --set train.epochs=20.
 """
 
 from jaxcnn.config import Config, DataConfig, OptimConfig, ScheduleConfig, TrainConfig
@@ -21,10 +22,10 @@ from jaxcnn.results.sweep import chain, named, product, seeds
 def get_config() -> Config:
     return Config(
         model={"name": "resnet20", "stage_sizes": (1, 1, 1)},
-        data=DataConfig(name="fashion_mnist", train_limit=3000, batch_size=128),
+        data=DataConfig(name="fashion_mnist", train_limit=2000, test_limit=5000, batch_size=128),
         optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
-        train=TrainConfig(epochs=3, log_every_steps=6),
+        train=TrainConfig(epochs=2, log_every_steps=5, eval_every_epochs=0),
     )
 
 

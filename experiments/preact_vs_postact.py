@@ -8,7 +8,8 @@ Question:  post-activation blocks (conv-BN-ReLU-conv-BN, add, ReLU: the original
            `model.preact` changes.
 Runtime:   not measured yet
 Expected:  not measured yet
-Full size: --set data.train_limit=none --set train.epochs=30 --set model.name=resnet110 --set model.width=1.0
+Full size: --set data.train_limit=none --set data.test_limit=none --set train.eval_every_epochs=1
+           --set train.epochs=30 --set model.name=resnet110 --set model.width=1.0
            --set model.stem_width=16 (He et al. 2016 report CIFAR-10 error 6.61% post-activation vs 6.37%
            pre-activation for ResNet-110, and a larger gap at 1001 layers; literature).
 """
@@ -20,10 +21,10 @@ from jaxcnn.results.sweep import grid, product, seeds
 def get_config() -> Config:
     return Config(
         model={"name": "resnet20", "width": 0.5, "stem_width": 8},
-        data=DataConfig(name="fashion_mnist", train_limit=3000, batch_size=128),
+        data=DataConfig(name="fashion_mnist", train_limit=2000, test_limit=5000, batch_size=128),
         optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
-        train=TrainConfig(epochs=3, log_every_steps=6),
+        train=TrainConfig(epochs=2, log_every_steps=5, eval_every_epochs=0),
     )
 
 

@@ -66,8 +66,10 @@ def make_pictures(cfg: Config, workdir: str | Path, num_images: int = 4) -> list
         save_filters(kernel, workdir / "filters.png", title=f"{cfg.model['name']} {name} {kernel.shape} ({source})"),
         save_feature_maps(test.images, features, workdir / "feature_maps.png",
                           title=f"feature maps of test images (label→prediction: {labels})"),
-        save_fixed_filter_responses(test.images, workdir / "fixed_filters.png",
-                                    title="fixed filters through a Conv2d layer (5x5 Gaussian sigma=1, Sobel, Laplacian)"),
+        save_fixed_filter_responses(
+            test.images, workdir / "fixed_filters.png",
+            title="fixed filters through a Conv2d layer (5x5 Gaussian sigma=1, Sobel, Laplacian)",
+        ),
     ]
 
 

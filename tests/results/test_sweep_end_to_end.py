@@ -83,6 +83,16 @@ def test_tiny_sweep_trains_every_run_skips_them_on_rerun_and_reports(tmp_path, m
     assert cli.main(["sweep", str(experiment), "--workdir", str(workdir)]) == 0
     assert {d: (workdir / d / "summary.json").stat().st_mtime_ns for d in dirs} == mtimes
 
+    # A run killed after its last checkpoint but before its summary is resumed through the normal train path
+    # (from the checkpoint at step 6: nothing left to train), the others stay as they are.
+    (workdir / dirs[2] / "summary.json").unlink()
+    assert run_sweep(experiment, workdir=workdir, report=False) == []
+    resumed = json.loads((workdir / dirs[2] / "summary.json").read_text())
+    assert resumed["resumed_from_step"] == 6 and resumed["steps"] == 6
+    assert resumed["test_accuracy"] == pytest.approx(summaries[dirs[2]]["test_accuracy"])
+    assert {d: (workdir / d / "summary.json").stat().st_mtime_ns for d in dirs if d != dirs[2]} == {
+        d: t for d, t in mtimes.items() if d != dirs[2]}
+
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
