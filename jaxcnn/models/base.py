@@ -12,6 +12,7 @@ the ``batch_stats`` collection; dropout draws from the ``'dropout'`` rng.
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Callable, Literal
 
@@ -147,10 +148,14 @@ class ClassifierBase(nn.Module):
     def finish(
         self, features: dict[str, jax.Array], logits: jax.Array, return_features: bool
     ) -> jax.Array | dict[str, jax.Array]:
-        """float32 logits, or the features dict with them added under 'logits'."""
+        """float32 logits, or the features with them added under 'logits'.
+
+        The features are a `collections.OrderedDict`: JAX keeps its order through jit and eval_shape (a plain
+        dict comes back with sorted keys).
+        """
         logits = logits.astype(jnp.float32)
         if return_features:
-            return {**features, "logits": logits}
+            return collections.OrderedDict([*features.items(), ("logits", logits)])
         return logits
 
     def classify(
