@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -91,8 +92,8 @@ class SummaryTable:
         totals = [
             f"model {self.model}, input {_shape(self.input_shape)} -> {_shape(self.output_shape)}",
             f"params {self.total_params:,} (+ {self.total_state:,} non-trainable state)",
-            f"FLOPs (2 x MACs of conv/dense) {_si(self.total_flops)}, {_si(self.total_flops_unpadded)} without "
-            f"padding taps; XLA {xla}",
+            (f"FLOPs (2 x MACs of conv/dense) {_si(self.total_flops)}, {_si(self.total_flops_unpadded)} without "
+             f"padding taps; XLA {xla}"),
         ]
         return header, body, totals
 
@@ -109,8 +110,7 @@ class SummaryTable:
 
     def to_markdown(self) -> str:
         header, body, totals = self._cells()
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---", "---", "---:", "---:", "---:", "---:"])
-               + "|"]
+        out = ["| " + " | ".join(header) + " |", "|---|---|---|---:|---:|---:|---:|"]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
         return "\n".join(out + [""] + [f"- {t}" for t in totals])
 
@@ -183,7 +183,7 @@ def _xla_flops(forward: Any, *abstract_args: Any) -> float | None:
     """XLA's FLOP count of `forward` compiled (not run) for the given abstract arguments."""
     try:
         analysis = jax.jit(forward).lower(*abstract_args).compile().cost_analysis()
-    except Exception:  # some backends do not implement cost analysis; the table is still useful without it
+    except Exception:  # noqa: BLE001  (a backend without cost analysis: the table is still useful without it)
         return None
     return flops_from_cost_analysis(analysis)
 
@@ -269,7 +269,7 @@ def summary(
             flops_unpadded=unpadded, rf_size=rf[0] if rf else None, rf_jump=rf[1] if rf else None,
         ))
 
-    count = lambda tree: sum(math.prod(v.shape) for v in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    count = lambda tree: sum(math.prod(v.shape) for v in jax.tree_util.tree_leaves(tree))
     total_params = count(params)
     total_state = count({k: v for k, v in variables.items() if k != "params"})
     xla_flops = _xla_flops(forward, variables, x) if xla else None

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -106,7 +107,8 @@ class ClassifierBase(nn.Module):
 
     def conv_def(self, **overrides: Any) -> ModuleDef:
         """`layers.Conv2d` with this model's dtypes; a bias only when there is no norm after it."""
-        kwargs = dict(use_bias=self.norm == "none", dtype=self.compute_dtype, param_dtype=jnp.dtype(self.param_dtype))
+        kwargs = {"use_bias": self.norm == "none", "dtype": self.compute_dtype,
+                  "param_dtype": jnp.dtype(self.param_dtype)}
         return functools.partial(layers.Conv2d, **{**kwargs, **overrides})
 
     def dense_def(self) -> ModuleDef:
@@ -132,7 +134,7 @@ class ClassifierBase(nn.Module):
 
     def scaled(self, base: int) -> int:
         """`base` channels scaled by the model's `width` multiplier (at least 1)."""
-        return max(1, int(round(base * getattr(self, "width", 1.0))))
+        return max(1, round(base * getattr(self, "width", 1.0)))
 
     # --- input and output ----------------------------------------------------------------------------------
 

@@ -24,8 +24,9 @@ import functools
 import numbers
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, TypeVar
+from typing import Any, Literal, TypeVar
 
 import flax.linen as nn
 import numpy as np

@@ -9,7 +9,6 @@ reaches it as a 1x1 map, copied to 7x7.
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import flax.linen as nn
 import jax

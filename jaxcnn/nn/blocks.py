@@ -12,7 +12,8 @@ Convolutions with an odd kernel ``k`` pad ``k // 2`` on every side, PyTorch's co
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, ClassVar, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 import flax.linen as nn
 import jax

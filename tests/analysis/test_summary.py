@@ -99,7 +99,7 @@ def test_inception_branches_each_get_their_own_receptive_field():
         @nn.compact
         def __call__(self, x):
             x = layers.Conv2d(8, 3, name="stem")(x)  # RF 3
-            cb = lambda *a, **k: ConvNormAct(*a, conv=layers.Conv2d, **k)  # noqa: E731
+            cb = lambda *a, **k: ConvNormAct(*a, conv=layers.Conv2d, **k)
             return InceptionBlock(2, 3, 4, 1, 2, 3, kernel5=5, conv_block=cb, name="inc")(x)
 
     rows = {r.path: r for r in summary(Tiny(), (1, 9, 9, 3), xla=False).rows}

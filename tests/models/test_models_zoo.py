@@ -6,6 +6,7 @@ memory or compute; a few small models are run for real.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -230,9 +231,9 @@ def test_small_models_run_in_train_and_eval_mode(images):
     ):
         model = create_model(name, **knobs)
         variables = jax.jit(model.init)(FAST_KEY, x)
-        train = jax.jit(lambda v, x, k: model.apply(v, x, train=True, rngs={"dropout": k}, mutable=["batch_stats"]))
-        logits, updates = train(variables, x, FAST_KEY)
-        evaluated = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+        train = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+        logits, updates = train(variables, x, rngs={"dropout": FAST_KEY})
+        evaluated = jax.jit(functools.partial(model.apply, train=False))(variables, x)
         assert logits.shape == evaluated.shape == (x.shape[0], 10)
         assert np.isfinite(np.asarray(logits)).all() and np.isfinite(np.asarray(evaluated)).all()
         # Train mode normalises with the batch and moves the running statistics; eval mode uses them.
