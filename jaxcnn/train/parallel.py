@@ -314,14 +314,14 @@ class Strategy:
         def get(x: Any) -> Any:
             if not isinstance(x, jax.Array):
                 return np.asarray(x)
-            one = np.asarray(x.addressable_data(0))
+            one = np.asarray(jax.device_get(x.addressable_data(0)))
             return one.reshape(x.shape[1:]) if self.name == "pmap" else one.reshape(x.shape)
 
         return jax.tree_util.tree_map(get, state)
 
     def replicas(self, x: jax.Array) -> list[np.ndarray]:
         """Every local device's copy of a placed state leaf, as numpy (to check that replicas agree)."""
-        by_device = {s.device: np.asarray(s.data) for s in x.addressable_shards}
+        by_device = {s.device: np.asarray(jax.device_get(s.data)) for s in x.addressable_shards}
         shape = x.shape[1:] if self.name == "pmap" else x.shape
         return [by_device[d].reshape(shape) for d in self.local_devices if d in by_device]
 
