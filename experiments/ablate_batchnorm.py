@@ -1,9 +1,14 @@
-"""BatchNorm on vs off in LeNet-5 on Fashion-MNIST, across learning rates.
+"""BatchNorm on vs off in a small all-convolutional LeNet, across learning rates.
 
 Command:   python -m jaxcnn sweep experiments/ablate_batchnorm.py --workdir runs/ablate_batchnorm
 Question:  does BatchNorm make a network train faster, and does it widen the range of learning rates that
-           work (Ioffe & Szegedy 2015)? LeNet-5 with norm='batch' (after every conv, before the activation) or
-           norm='none', at SGD learning rates 0.01, 0.1 and 0.5 (momentum 0.9).
+           work (Ioffe & Szegedy 2015)? LeNet-5's two conv layers (6 and 16 channels, 5x5, max pooling) with a
+           linear classifier on the flattened features (`head_hidden=()`), so that every hidden layer is a conv
+           that BatchNorm normalises: norm='batch' (after each conv, before the ReLU) or norm='none', at SGD
+           learning rates 0.02, 0.1, 0.5 and 2.0 (momentum 0.9), on Fashion-MNIST.
+           A first version kept LeNet-5's fc120-fc84 head, which BatchNorm does not touch; there, at lr 0.5,
+           both BatchNorm runs collapsed to chance (10%) and the plain ones reached 44% (lr 0.1: 85.0 vs 85.2%;
+           docs/results/ablate_batchnorm.md): the un-normalised head, not the convs, set the usable rate.
 Runtime:   not measured yet
 Expected:  not measured yet
 Full size: --set data.train_limit=none --set train.epochs=20; add rates with a grid of your own.
@@ -15,7 +20,7 @@ from jaxcnn.results.sweep import grid, product, seeds
 
 def get_config() -> Config:
     return Config(
-        model={"name": "lenet5"},
+        model={"name": "lenet5", "head_hidden": ()},
         data=DataConfig(name="fashion_mnist", train_limit=10000, batch_size=128),
         optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
@@ -25,4 +30,4 @@ def get_config() -> Config:
 
 
 def sweep() -> list[dict]:
-    return product(grid({"model.norm": ["batch", "none"], "optim.lr": [0.01, 0.1, 0.5]}), seeds(2))
+    return product(grid({"model.norm": ["batch", "none"], "optim.lr": [0.02, 0.1, 0.5, 2.0]}), seeds(2))

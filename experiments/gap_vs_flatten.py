@@ -4,7 +4,8 @@ Command:   python -m jaxcnn sweep experiments/gap_vs_flatten.py --workdir runs/g
 Question:  the head of LeNet-5 flattens its 16x5x5 feature maps into fc120-fc84 (most of its parameters). Network
            in Network (Lin et al. 2014) and every ResNet average each feature map to one number instead: far
            fewer parameters, and no dependence on where in the image a feature was seen. What does it cost?
-           Variants: flatten (the default), GAP followed by the same fc120-fc84, and GAP straight to the logits.
+           Variants: flatten (the default), GAP followed by the same fc120-fc84, and GAP straight to the logits;
+           then flatten and GAP-to-logits again with 64 channels in the last conv instead of 16.
 Runtime:   not measured yet
 Expected:  not measured yet
 Full size: --set data.train_limit=none --set train.epochs=20.
@@ -29,5 +30,8 @@ def sweep() -> list[dict]:
         named("flatten-fc120-fc84", {"model.head": "flatten"}),
         named("gap-fc120-fc84", {"model.head": "gap"}),
         named("gap-linear", {"model.head": "gap", "model.head_hidden": ()}),
+        # The same with 64 instead of 16 channels in the last conv: GAP wants many feature maps to average.
+        named("wide-flatten-fc120-fc84", {"model.conv_channels": (6, 64)}),
+        named("wide-gap-linear", {"model.conv_channels": (6, 64), "model.head": "gap", "model.head_hidden": ()}),
     )
     return product(variants, seeds(3))

@@ -16,7 +16,8 @@ checkpoints/) plus `variant.json` (what the sweep asked for), `status.json` and,
 `--set key=value` applies to every variant. If the sweep itself varies that key, the sweep is narrowed to the
 variants whose value equals the override (`--set model.pool=avg` runs only the avg variants, `--set seed=0` only
 seed 0) rather than running identical copies. Rerunning a sweep skips runs with a summary.json, resumes an
-interrupted run from its checkpoint and retries failed ones; a failed run is recorded and the others go on.
+interrupted run from its checkpoint and retries failed ones; a failed run is recorded and the others go on. A
+finished run whose config differs from what the sweep now asks for stops the sweep with the differences listed.
 With `--parallel N`, N runs go at once, each in a subprocess pinned to its own devices (CUDA_VISIBLE_DEVICES on
 GPUs, one chip each on TPUs, one host-platform device each on CPU); their console output goes to the run's
 `log.txt`.
@@ -44,6 +45,7 @@ from jaxcnn.config import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    diff_configs,
     load_experiment,
     load_experiment_module,
     with_updates,
@@ -245,6 +247,39 @@ def _now() -> str:
 
 def is_finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
+
+
+def finished_config_changes(run_dir: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """Keys whose value in a finished run's config.json differs from `cfg` ({key: (then, now)}), leaving out the
+    keys that do not change a run's result (the ones a resume may change, jaxcnn.train.checkpoint)."""
+    from jaxcnn.train.checkpoint import RESUME_IGNORED_KEYS
+
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    try:
+        return diff_configs(config_from_dict(saved), cfg, ignore=RESUME_IGNORED_KEYS)
+    except ConfigError as e:  # e.g. a knob renamed since the run was made
+        return {"config": (f"(no longer valid: {e})", "(this sweep's)")}
+
+
+def check_finished_runs(plan: Sequence[tuple[Run, Config]], workdir: Path) -> None:
+    """Raises ConfigError if a finished run in `workdir` was made with another config than the sweep now asks for
+    (the experiment file or --set changed): skipping it would report stale results under the new settings."""
+    stale = []
+    for run, cfg in plan:
+        if is_finished(workdir / run.relpath):
+            changes = finished_config_changes(workdir / run.relpath, cfg)
+            if changes:
+                what = ", ".join(f"{k} {a!r} then, {b!r} now" for k, (a, b) in changes.items())
+                stale.append(f"  {run.relpath}: {what}")
+    if stale:
+        raise ConfigError(
+            f"{len(stale)} finished run(s) in {workdir} were made with another config than this sweep's:\n"
+            + "\n".join(stale[:10]) + ("\n  ..." if len(stale) > 10 else "")
+            + f"\nUse a new --workdir, or delete those run folders to run them again with the new config."
+        )
 
 
 def prepare_run_dir(run: Run, cfg: Config, run_dir: Path, experiment: str) -> None:
@@ -466,6 +501,7 @@ def run_sweep(experiment_path: str | Path, overrides: Sequence[str] = (), workdi
     workdir = Path(workdir)
     overrides = list(overrides)
     plan = plan_sweep(experiment_path, overrides)
+    check_finished_runs(plan, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "sweep.json", {
         "experiment": str(experiment_path), "overrides": overrides, "created": _now(),
@@ -513,7 +549,8 @@ def _run_sequential(todo: list[tuple[Run, Config]], workdir: Path, progress: Swe
         progress.finished(ok, time.perf_counter() - t0)
         if not ok:
             failed.append(run.relpath)
-            _say(f"sweep: {run.relpath} FAILED: {_read_status(run_dir).get('error')} (details: {run_dir / 'error.txt'})")
+            error = _read_status(run_dir).get("error")
+            _say(f"sweep: {run.relpath} FAILED: {error} (details: {run_dir / 'error.txt'})")
 
 
 def _log_tail(path: Path, chars: int = 4000) -> str:

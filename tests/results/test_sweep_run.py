@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from jaxcnn.config import ConfigError
+from jaxcnn.config import ConfigError, config_to_dict
 from jaxcnn.results.sweep import plan_sweep, run_sweep
 
 EXPERIMENT = textwrap.dedent('''
@@ -78,6 +78,7 @@ class FakeTrain:
         if key in self.fail:
             raise ValueError(f"pool {key[0]} cannot run (seed {key[1]})")
         summary = {"test_accuracy": 0.9 + 0.01 * cfg.seed, "test_loss": 0.3, "params": 61706, "wall_s": 1.0}
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg)))
         (run_dir / "summary.json").write_text(json.dumps(summary))
         return summary
 
@@ -127,3 +128,15 @@ def test_sweep_report_lists_the_failed_run(experiment, tmp_path):
     assert "| model.pool=max | 2 | 90.50 ± 0.71 |" in md  # 0.90 and 0.91: sample std 0.00707
     assert "| model.pool=avg | 1 (1 failed) |" in md
     assert "`model.pool=avg/seed=1`: ValueError: pool avg cannot run (seed 1)" in md
+
+
+def test_finished_runs_made_with_another_config_stop_the_sweep(experiment, tmp_path):
+    workdir = tmp_path / "runs"
+    run_sweep(experiment, workdir=workdir, train_fn=FakeTrain(), report=False)
+    with pytest.raises(ConfigError, match=r"(?s)4 finished run\(s\).*optim.lr 0.1 then, 0.2 now.*new --workdir"):
+        run_sweep(experiment, ["optim.lr=0.2"], workdir=workdir, train_fn=FakeTrain(), report=False)
+    # Keys that do not change a result (console progress, logging) may differ: the runs are still skipped.
+    again = FakeTrain()
+    assert run_sweep(experiment, ["train.progress=true", "train.log_every_steps=7"], workdir=workdir,
+                     train_fn=again, report=False) == []
+    assert again.calls == []
