@@ -2,19 +2,28 @@
 
 Command:   python experiments/transfer_mnist_to_fashion.py --workdir runs/transfer_mnist_to_fashion
            (`python -m jaxcnn train experiments/transfer_mnist_to_fashion.py` runs the pre-training alone).
-           Options: --target-limit N (Fashion-MNIST training images, default 1000), --seeds K (default 3),
-           --table PATH (also write the markdown table there). Rerunning resumes or reuses finished runs.
-Question:  do features learned on digits help on clothes when only 1,000 labelled clothes are available? The same
-           LeNet-5 on the same 1,000 Fashion-MNIST images (10 epochs), started four ways:
-             scratch       random initialisation;
-             frozen        MNIST weights, the convolutional backbone (`^block`) frozen: only the three dense
-                           layers of the head train (they start from MNIST's too);
-             finetune      MNIST weights, everything trains;
-             unfreeze      MNIST weights, backbone frozen for the first half (5 epochs), then trained
-                           (`transfer.unfreeze_at_epoch=5`).
-           Test accuracy on all 10,000 Fashion-MNIST test images, mean ± sample std over seeds.
-Runtime:   not measured yet
-Expected:  not measured yet
+           Options: --target-limits 100,1000 (Fashion-MNIST training images), --seeds 3, --table PATH (also write
+           the markdown table there), --set KEY=VALUE (pre-training overrides). Rerunning reuses finished runs.
+Question:  do features learned on digits help on clothes when few labelled clothes are available? LeNet-5 is
+           pre-trained on all of MNIST (experiments/mnist_lenet5.py, 2 epochs), then trained for 200 steps of 50 on
+           the first N = 100 or 1,000 Fashion-MNIST training images, started four ways:
+             scratch    random initialisation, everything trains;
+             frozen     MNIST weights; the convolutional backbone (`transfer.freeze=^block`) frozen, so only the
+                        three dense layers of the head train (from MNIST's weights: both have 10 classes);
+             finetune   MNIST weights, everything trains;
+             unfreeze   MNIST weights, backbone frozen for the first 100 steps, then trained
+                        (`transfer.unfreeze_at_epoch` = 100 steps).
+           Test accuracy on all 10,000 Fashion-MNIST test images, mean ± sample std over 3 seeds.
+Runtime:   measured (jax 0.10.2, Python 3.11): 17.5 min wall on 2 CPU cores that were shared with other jobs
+           (load average about 13), 6.8 min of CPU time; 25 runs (pre-training 936 steps, then 24 fine-tunings).
+Expected:  (measured; docs/results/transfer_mnist_to_fashion.md) MNIST pre-training reaches 98.99%. Pre-training
+           on digits does NOT help here: fine-tuning matches training from scratch, and a frozen digit backbone
+           costs 1-4 points.
+             N       scratch        frozen         finetune       unfreeze
+             100     67.44 ± 2.91   63.27 ± 0.22   66.84 ± 0.95   63.08 ± 0.23
+             1,000   80.40 ± 0.84   79.25 ± 0.27   80.28 ± 0.29   79.91 ± 0.21
+           The frozen backbone gives the lowest test loss at N=100 (2.31 vs 2.67 from scratch): its head is less
+           over-confident, though less accurate. With 100 images every variant overfits (test loss > 2).
 Data:      MNIST in ../shared/data/mnist, Fashion-MNIST from Debian's dataset-fashion-mnist
            (/usr/share/datasets/fashion-mnist); or --set data.data_dir=FOLDER for the pre-training.
 """

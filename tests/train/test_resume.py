@@ -103,7 +103,7 @@ def test_killed_and_resumed_run_is_bit_identical_to_one_go(tmp_path, mnist_dir):
 def test_sigterm_finishes_the_step_saves_and_the_rerun_resumes(tmp_path, mnist_dir):
     workdir = tmp_path / "run"
     args = [sys.executable, "-m", "jaxcnn", "train", str(EXPERIMENT), "--workdir", str(workdir),
-            *sets(*SMALL, f"data.data_dir={mnist_dir}", "train.steps=400", "checkpoint.every_steps=1000",
+            *sets(*SMALL, f"data.data_dir={mnist_dir}", "train.steps=300", "checkpoint.every_steps=1000",
                   "checkpoint.every_epoch=false")]
     proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     metrics = workdir / "metrics.jsonl"
@@ -116,14 +116,14 @@ def test_sigterm_finishes_the_step_saves_and_the_rerun_resumes(tmp_path, mnist_d
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     last = max(r["step"] for r in writers.read_jsonl(metrics) if r.get("kind") == "train")
-    assert last < 400
+    assert last < 300
     assert f"stopped at step {last} on SIGTERM; checkpoint saved" in err
     assert ckpt_lib.list_steps(workdir / "checkpoints") == [last]  # no checkpoint was due: this one is the stop's
 
     rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resuming from checkpoint at step {last} of 400" in rerun.stderr
-    assert json.loads((workdir / "summary.json").read_text())["steps"] == 400
+    assert f"resuming from checkpoint at step {last} of 300" in rerun.stderr
+    assert json.loads((workdir / "summary.json").read_text())["steps"] == 300
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,8 +211,9 @@ def test_an_unwritable_workdir_is_refused_before_training(tmp_path, mnist_dir):
 
 @pytest.mark.slow
 def test_resume_onto_another_device_count(tmp_path, mnist_dir, monkeypatch):
-    """Stopped (SIGTERM) on 8 devices with pmap, resumed on 1 device, and the reverse; both end close to the run
-    done in one go on 8 devices (not bit-identical: the device count changes the order of float sums)."""
+    """Stopped (SIGTERM) on 8 devices with pmap, resumed on 1 device: it ends close to the run done in one go on 8
+    devices (not bit-identical: the device count changes the order of float sums). The reverse direction, and real
+    processes with 8 and 1 devices, are in test_checkpoint_devices.py."""
     from jaxcnn.train.loop import train
 
     assert jax.device_count() == 8
@@ -229,7 +230,7 @@ def test_resume_onto_another_device_count(tmp_path, mnist_dir, monkeypatch):
         if kind == "train" and step == 12:
             signal.raise_signal(signal.SIGTERM)
 
-    for first, second in [("pmap", "single"), ("single", "pmap")]:
+    for first, second in [("pmap", "single")]:
         workdir = tmp_path / f"{first}_then_{second}"
         monkeypatch.setattr(writers.MetricsWriter, "write", stop_at_12)
         with pytest.raises(SystemExit) as e:

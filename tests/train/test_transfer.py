@@ -238,3 +238,20 @@ def test_fine_tuning_run_loads_freezes_and_reports(tmp_path, mnist_dir, capsys):
             assert np.array_equal(pre[name], fine[name]), name
         elif name.startswith("params/head"):
             assert not np.array_equal(pre[name], fine[name]), name
+
+
+def test_the_transfer_experiment_configs(tmp_path):
+    from jaxcnn.config import load_experiment_module
+
+    exp = load_experiment_module("experiments/transfer_mnist_to_fashion.py")
+    pre = exp.get_config()
+    assert (pre.data.name, pre.model["name"], pre.train.epochs) == ("mnist", "lenet5", 2)
+    runs = {v: exp.finetune_config(v, tmp_path / "pre", seed=1, target_limit=100) for v in exp.VARIANTS}
+    for cfg in runs.values():
+        assert (cfg.data.name, cfg.data.train_limit, cfg.seed, cfg.train.steps) == ("fashion_mnist", 100, 1, 200)
+    assert runs["scratch"].transfer == TransferConfig()
+    assert runs["finetune"].transfer == TransferConfig(init_from=str(tmp_path / "pre"))
+    assert runs["frozen"].transfer == TransferConfig(init_from=str(tmp_path / "pre"), freeze=("^block",))
+    # 100 images in batches of 50: 2 steps per epoch; unfreezing after 100 of the 200 steps is epoch 50.
+    assert runs["unfreeze"].transfer.unfreeze_at_epoch == 50
+    assert transfer.unfreeze_step(runs["unfreeze"].transfer, 2) == 100
