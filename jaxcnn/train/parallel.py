@@ -119,11 +119,14 @@ def init_distributed(cfg: ParallelConfig) -> bool:
     - `distributed='off'`: never.
     - `'on'`: always, with `coordinator_address`, `num_processes`, `process_id` from the config, else from the
       environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), else detected by JAX (SLURM,
-      Open MPI, Cloud TPU).
+      Open MPI, Cloud TPU). ConfigError if nothing gives a coordinator.
     - `'auto'` (default): as 'on' when a coordinator address is configured or `detected_cluster()` finds a
       multi-process launcher; on a single plain machine it does nothing.
 
-    Cross-process collectives on CPU use gloo (`jax_cpu_collectives_implementation`, the default in jax 0.10 and
+    Raises ConfigError when a coordinator is set without the process count and id (and no cluster supplies
+    them), RuntimeError (with what to do) when jax refuses, e.g. because the backend already started.
+    Under SLURM, JAX gives each process the one GPU numbered SLURM_LOCALID unless JAX_LOCAL_DEVICE_IDS says
+    otherwise (docs/multihost.md). Cross-process collectives on CPU use gloo (`jax_cpu_collectives_implementation`, the default in jax 0.10 and
     0.12); GPUs use NCCL and TPUs their interconnect.
     """
     if cfg.distributed not in ("auto", "on", "off"):
@@ -146,14 +149,14 @@ def init_distributed(cfg: ParallelConfig) -> bool:
             f"not (num_processes={num_processes}, process_id={process_id}); set parallel.num_processes and "
             f"parallel.process_id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID) on every process"
         )
-    if cfg.distributed == "on" and coordinator is None and detected_cluster() is None:
-        raise ConfigError(
-            "parallel.distributed='on' but no coordinator is configured and no cluster (SLURM, Open MPI, TPU) was "
-            "detected; set parallel.coordinator_address, parallel.num_processes and parallel.process_id "
-            "(see docs/multihost.md)"
-        )
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    except ValueError as e:  # JAX found no cluster to take the missing values from
+        raise ConfigError(
+            f"parallel.distributed={cfg.distributed!r}: jax.distributed.initialize could not start ({e}); no "
+            f"coordinator is configured and JAX detected no cluster (SLURM, Open MPI, Cloud TPU). Set "
+            f"parallel.coordinator_address, parallel.num_processes and parallel.process_id (see docs/multihost.md)"
+        ) from e
     except RuntimeError as e:
         raise RuntimeError(
             f"jax.distributed.initialize failed: {e}. It must run before any other jax call in the process "

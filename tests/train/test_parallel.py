@@ -6,6 +6,8 @@ strategy code is involved in it.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -298,12 +300,32 @@ def test_cluster_detection_from_the_environment(plain_env: pytest.MonkeyPatch) -
 
 
 def test_init_distributed_errors_name_the_missing_settings(plain_env: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match="no coordinator is configured"):
-        parallel.init_distributed(ParallelConfig(distributed="on"))
     with pytest.raises(ConfigError, match="set parallel.num_processes and parallel.process_id"):
         parallel.init_distributed(ParallelConfig(distributed="auto", coordinator_address="localhost:1", num_processes=2))
     plain_env.setenv("JAX_PROCESS_ID", "zero")
     with pytest.raises(ConfigError, match="JAX_PROCESS_ID='zero' must be an integer"):
         parallel.init_distributed(ParallelConfig(distributed="auto", coordinator_address="localhost:1", num_processes=2))
     assert not jax.distributed.is_initialized()
+    jax.devices()  # the backend is up in this process: too late to join a cluster
+    with pytest.raises(RuntimeError, match="call jaxcnn.train.parallel.init_distributed first"):
+        parallel.init_distributed(ParallelConfig(coordinator_address="localhost:1", num_processes=2, process_id=0))
 
+
+def test_distributed_on_without_any_cluster_says_what_to_set() -> None:
+    # a fresh process (jax.distributed must be started before the backend), with no cluster in its environment
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "JAX_", "MEGASCALE_"))}
+    code = (
+        "import jax\n"
+        "from jaxcnn.config import ConfigError, ParallelConfig\n"
+        "from jaxcnn.train.parallel import init_distributed\n"
+        "try:\n"
+        "    init_distributed(ParallelConfig(distributed='on'))\n"
+        "except ConfigError as e:\n"
+        "    print('ConfigError:', e)\n"
+        "print('initialized', jax.distributed.is_initialized(), 'devices', jax.device_count())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ConfigError: parallel.distributed='on'" in out.stdout
+    assert "set parallel.coordinator_address, parallel.num_processes and parallel.process_id" in out.stdout.replace("Set", "set")
+    assert "initialized False" in out.stdout  # the process carries on as a single process
