@@ -16,8 +16,9 @@ What is counted:
   padding are multiplied too. Biases, norms, activations and pooling are not counted.
 - **FLOPs without padding**: the same, counting only the kernel taps that land inside the input. XLA counts
   convolutions this way, so `xla_flops` is compared with this total (XLA also counts the elementwise work: a
-  few percent more). On small padded maps the difference is real: ResNet-20 on 32x32 does 7% fewer
-  multiply-adds than the usual count says.
+  few percent more; with ``dtype='bfloat16'`` it also counts the cast of every weight, which is large for
+  the dense layers of VGG and AlexNet). On small padded maps the difference is real: ResNet-20 on 32x32 does
+  7% fewer multiply-adds than the usual count says.
 - **receptive field** (conv and pool rows): the size and jump (distance between neighbouring output cells), in
   input pixels, along the path with the largest field (`jaxcnn.analysis.receptive_field.receptive_field_of_layers`
   on the chain of windowed layers that leads there). Parallel branches (Inception) and shortcuts are followed by

