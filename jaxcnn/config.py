@@ -69,7 +69,8 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    # Decoupled weight decay (added to the update, not the loss) ...
+    # Weight decay: for sgd and adam L2 added to the gradient before momentum / the moments (PyTorch's form);
+    # decoupled (added to the update) for adamw and lamb; LARS's own form for lars (see jaxcnn.train.optim) ...
     weight_decay: float = 0.0
     # ... applied to: 'kernels' (conv/dense kernels only: BatchNorm scale/bias and biases left out), or 'all'.
     weight_decay_mask: Literal["kernels", "all"] = "kernels"

@@ -141,6 +141,30 @@ def test_strategy_matches_single_device(name: str, data: Any, reference: Any) ->
             np.testing.assert_allclose(m[k], r[k], rtol=1e-5, atol=1e-6)
 
 
+def test_shard_map_check_vma_trap() -> None:
+    """Why the shard_map strategy turns check_vma off: with it on, pmean'd gradients come out D times too large."""
+    from jax import lax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    w = np.ones(3, np.float32)
+    want = 2 * x.T @ (x @ w) / len(x)  # d/dw mean((x w)^2), by hand
+
+    def grads(w: jax.Array, x: jax.Array) -> jax.Array:  # the pmap-style step: local gradient, then pmean
+        return lax.pmean(jax.grad(lambda w: jax.numpy.mean((x @ w) ** 2))(w), "batch")
+
+    args = (jax.device_put(w, NamedSharding(mesh, P())), jax.device_put(x, NamedSharding(mesh, P("batch"))))
+    specs = dict(mesh=mesh, in_specs=(P(), P("batch")), out_specs=P())
+    ours = jax.jit(parallel._shard_map(grads, **specs))(*args)
+    np.testing.assert_allclose(ours, want, rtol=1e-5)
+    checked = jax.jit(jax.shard_map(grads, **specs, check_vma=True))(*args)
+    np.testing.assert_allclose(
+        checked, 8 * want, rtol=1e-5,
+        err_msg="jax changed shard_map's check_vma semantics: revisit jaxcnn.train.parallel._shard_map",
+    )
+
+
 def test_the_reference_moves_batch_stats_and_params(reference: Any) -> None:
     ref_state, _ = reference
     init = init_host_state(small_resnet())
