@@ -23,20 +23,20 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     # only the host (CPU) platform is affected; accelerators are used as they are
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import time
+from typing import Any
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from jaxcnn.config import ConfigError, OptimConfig, ParallelConfig, ScheduleConfig  # noqa: E402
-from jaxcnn.models import create_model  # noqa: E402
-from jaxcnn.train import parallel  # noqa: E402
-from jaxcnn.train.optim import make_optimizer  # noqa: E402
-from jaxcnn.train.state import create_train_state, init_variables  # noqa: E402
-from jaxcnn.train.step import StepOptions, make_train_step  # noqa: E402
+from jaxcnn.config import ConfigError, OptimConfig, ParallelConfig, ScheduleConfig
+from jaxcnn.models import create_model
+from jaxcnn.train import parallel
+from jaxcnn.train.optim import make_optimizer
+from jaxcnn.train.state import create_train_state, init_variables
+from jaxcnn.train.step import StepOptions, make_train_step
 
 
 def time_strategy(

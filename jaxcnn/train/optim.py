@@ -69,7 +69,8 @@ examples differently. tests/train/test_optim.py checks both cases against refere
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +125,7 @@ def make_schedule(lr: float, schedule: ScheduleConfig, *, steps_per_epoch: int, 
     if lr < 0:
         raise ConfigError(f"optim.lr={lr} must be >= 0")
     T = int(total_steps)
-    w = int(round(schedule.warmup_epochs * steps_per_epoch))
+    w = round(schedule.warmup_epochs * steps_per_epoch)
     if w > 0 and w >= T:
         raise ConfigError(
             f"schedule.warmup_epochs={schedule.warmup_epochs} is {w} steps, not shorter than the {T} steps of "
@@ -164,7 +165,7 @@ def make_schedule(lr: float, schedule: ScheduleConfig, *, steps_per_epoch: int, 
             return jnp.where(t < w, lr * warm(t), lr * cosine_from(t, w, T, f, 1.0))
 
     elif name == "onecycle":
-        p = max(1, min(T - 1, int(round(schedule.peak_fraction * T)))) if T > 1 else 1
+        p = max(1, min(T - 1, round(schedule.peak_fraction * T))) if T > 1 else 1
 
         def fn(t: Any) -> jax.Array:
             t = jnp.asarray(t, jnp.float32)
@@ -172,7 +173,7 @@ def make_schedule(lr: float, schedule: ScheduleConfig, *, steps_per_epoch: int, 
             return jnp.where(t < p, lr * up, lr * cosine_from(t, p, T, f, 1.0))
 
     elif name == "triangular":
-        p = max(1, min(T - 1, int(round(schedule.peak_fraction * T)))) if T > 1 else 1
+        p = max(1, min(T - 1, round(schedule.peak_fraction * T))) if T > 1 else 1
 
         def fn(t: Any) -> jax.Array:
             t = jnp.asarray(t, jnp.float32)

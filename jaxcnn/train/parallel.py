@@ -47,12 +47,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxcnn.config import ConfigError, ParallelConfig
 
@@ -65,7 +67,9 @@ def _shard_map(f: Callable, *, mesh: Mesh, in_specs: Any, out_specs: Any) -> Cal
     """`jax.shard_map` with `check_vma=False` (jax >= 0.7; both supported interpreters have it)."""
     if hasattr(jax, "shard_map"):
         return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map  # older jax: the same function, `check_rep` spelling
+    from jax.experimental.shard_map import (
+        shard_map,  # older jax: the same function, `check_rep` spelling
+    )
 
     return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 

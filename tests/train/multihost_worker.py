@@ -27,12 +27,12 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parallel_helpers import CLASSES, IMAGE, numpy_variables, small_resnet  # noqa: E402
+from parallel_helpers import CLASSES, IMAGE, numpy_variables, small_resnet
 
-from jaxcnn.config import ParallelConfig  # noqa: E402
-from jaxcnn.train import parallel  # noqa: E402
-from jaxcnn.train.state import create_train_state  # noqa: E402
-from jaxcnn.train.step import StepOptions, make_eval_step, make_train_step  # noqa: E402
+from jaxcnn.config import ParallelConfig
+from jaxcnn.train import parallel
+from jaxcnn.train.state import create_train_state
+from jaxcnn.train.step import StepOptions, make_eval_step, make_train_step
 
 STEPS = 3
 BATCH = 8

@@ -14,7 +14,7 @@ import numpy as np
 
 IMAGE = (8, 8, 3)
 CLASSES = 3
-SMALL_RESNET = dict(num_classes=CLASSES, stage_sizes=(1, 1), stage_widths=(8, 16), stem_width=8)
+SMALL_RESNET = {"num_classes": CLASSES, "stage_sizes": (1, 1), "stage_widths": (8, 16), "stem_width": 8}
 
 
 def small_resnet(**knobs: Any) -> Any:

@@ -23,7 +23,7 @@ from jaxcnn.train.state import create_train_state
 from jaxcnn.train.step import StepOptions, cross_entropy, make_train_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parallel_helpers import numpy_variables  # noqa: E402
+from parallel_helpers import numpy_variables
 
 # ---------------------------------------------------------------------------------------------------------
 # A parameter tree shaped like a conv net's, and NumPy reference optimizers
@@ -91,7 +91,7 @@ def numpy_optimizer(name: str, p: np.ndarray, gs: list[np.ndarray], lrs: list[fl
     [("sgd", False), ("sgd", True), ("adam", False), ("adamw", False), ("lamb", False), ("lars", False), ("lars", True)],
 )
 def test_optimizers_follow_their_update_rules(name: str, nesterov: bool) -> None:
-    hp = dict(wd=0.05, momentum=0.9, b1=0.8, b2=0.95, eps=1e-6, nesterov=nesterov)
+    hp = {"wd": 0.05, "momentum": 0.9, "b1": 0.8, "b2": 0.95, "eps": 1e-6, "nesterov": nesterov}
     cfg = OptimConfig(
         name=name, lr=0.1 if name != "lars" else 3.0, momentum=hp["momentum"], nesterov=nesterov, b1=hp["b1"],
         b2=hp["b2"], eps=hp["eps"], weight_decay=hp["wd"], weight_decay_mask="kernels",
@@ -191,7 +191,7 @@ def values(schedule: ScheduleConfig, steps: list[int], lr: float = 1.0, spe: int
 
 
 def test_schedule_values_by_hand() -> None:
-    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # noqa: E731
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     close(values(ScheduleConfig(name="constant"), [0, 50, 99]), [1.0, 1.0, 1.0])
     # warm-up over 1 epoch = 10 steps from 0: t/10
     close(values(ScheduleConfig(name="constant", warmup_epochs=1), [0, 3, 10, 70]), [0.0, 0.3, 1.0, 1.0])
@@ -251,7 +251,7 @@ def test_every_optimizer_builds_with_every_schedule_and_keeps_shapes(name: str) 
 # In the train step: accumulation, BatchNorm, EMA, label smoothing, mixed precision
 # ---------------------------------------------------------------------------------------------------------
 
-OPTS = dict(num_classes=2, mean=(0.0,), std=(255.0,))  # preprocess: x = (image / 255 - 0) / (255 / 255)
+OPTS = {"num_classes": 2, "mean": (0.0,), "std": (255.0,)}  # preprocess: x = (image / 255 - 0) / (255 / 255)
 
 
 class NoBN(nn.Module):

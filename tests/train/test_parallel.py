@@ -25,7 +25,7 @@ from jaxcnn.train.state import create_train_state
 from jaxcnn.train.step import StepOptions, make_eval_step, make_train_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parallel_helpers import CLASSES, IMAGE, numpy_variables, small_resnet  # noqa: E402
+from parallel_helpers import CLASSES, IMAGE, numpy_variables, small_resnet
 
 STEPS = 3
 BATCH = 16
@@ -144,7 +144,8 @@ def test_strategy_matches_single_device(name: str, data: Any, reference: Any) ->
 def test_shard_map_check_vma_trap() -> None:
     """Why the shard_map strategy turns check_vma off: with it on, pmean'd gradients come out D times too large."""
     from jax import lax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
@@ -155,7 +156,7 @@ def test_shard_map_check_vma_trap() -> None:
         return lax.pmean(jax.grad(lambda w: jax.numpy.mean((x @ w) ** 2))(w), "batch")
 
     args = (jax.device_put(w, NamedSharding(mesh, P())), jax.device_put(x, NamedSharding(mesh, P("batch"))))
-    specs = dict(mesh=mesh, in_specs=(P(), P("batch")), out_specs=P())
+    specs = {"mesh": mesh, "in_specs": (P(), P("batch")), "out_specs": P()}
     ours = jax.jit(parallel._shard_map(grads, **specs))(*args)
     np.testing.assert_allclose(ours, want, rtol=1e-5)
     checked = jax.jit(jax.shard_map(grads, **specs, check_vma=True))(*args)
@@ -348,7 +349,7 @@ def test_distributed_on_without_any_cluster_says_what_to_set() -> None:
         "    print('ConfigError:', e)\n"
         "print('initialized', jax.distributed.is_initialized(), 'devices', jax.device_count())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ConfigError: parallel.distributed='on'" in out.stdout
     assert "set parallel.coordinator_address, parallel.num_processes and parallel.process_id" in out.stdout.replace("Set", "set")
