@@ -4,8 +4,12 @@ Command:   python -m jaxcnn sweep experiments/augmentation.py --workdir runs/aug
 Question:  how much do random crops (zero-pad 2 pixels, crop back to 28x28) and horizontal flips help when the
            training set is small and the network can overfit it? The augmentation runs inside the compiled
            train step; evaluation always sees the plain test images.
-Runtime:   not measured yet
-Expected:  not measured yet
+Runtime:   about 3-6 min on an idle 2-core CPU (8 runs; 346 s of CPU time measured; 16 min wall on a busy one).
+Expected:  measured (docs/results/augmentation.md; 5,000 training images, 12 epochs, mean ± sample std of 2
+           seeds): none 85.80 ± 0.28%, flip 86.04 ± 0.35%, crop2 85.00 ± 0.33%, crop2+flip 84.25 ± 0.19%. At this
+           budget augmentation does not raise accuracy: it removes the overfitting (train loss 0.11 without,
+           0.35-0.38 with crops; test loss 0.46 without, 0.41-0.43 with) but the cropped runs are still
+           improving at epoch 12, so they need more epochs (try --set train.epochs=40) to pay off.
 Full size: --set data.train_limit=none --set train.epochs=30 (with all 60,000 images the gain shrinks).
 """
 
