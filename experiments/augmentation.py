@@ -9,8 +9,9 @@ Expected:  measured (docs/results/augmentation.md; 5,000 training images, 12 epo
            seeds): none 85.80 ± 0.28%, flip 86.04 ± 0.35%, crop2 85.00 ± 0.33%, crop2+flip 84.25 ± 0.19%. At this
            budget augmentation does not raise accuracy: it removes the overfitting (train loss 0.11 without,
            0.35-0.38 with crops; test loss 0.46 without, 0.41-0.43 with) but the cropped runs are still
-           improving at epoch 12, so they need more epochs (try --set train.epochs=40) to pay off.
-Full size: --set data.train_limit=none --set train.epochs=30 (with all 60,000 images the gain shrinks).
+           improving at epoch 12; whether they pass the others with more epochs (--set train.epochs=40) was
+           not measured.
+Full size: --set data.train_limit=none --set train.epochs=30.
 """
 
 from jaxcnn.config import Config, DataConfig, OptimConfig, ScheduleConfig, TrainConfig
