@@ -68,9 +68,12 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from jaxcnn.models import list_models
+    from jaxcnn.models.registry import model_description
 
-    for name in list_models(args.pattern):
-        print(name)
+    names = list_models(args.pattern)
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {model_description(name)}")
     return 0
 
 

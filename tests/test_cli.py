@@ -99,5 +99,5 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 def test_models_command_lists_the_registry():
     r = run_cli("models", timeout=600)
     assert r.returncode == 0
-    names = r.stdout.split()
+    names = [line.split()[0] for line in r.stdout.splitlines()]
     assert "lenet5" in names and "mlp" in names
