@@ -282,6 +282,7 @@ def toy_state(model: nn.Module, tx: optax.GradientTransformation, *, ema: bool =
     return create_train_state(model, tx, variables, ema=ema)
 
 
+@pytest.mark.slow
 def test_accumulation_without_batchnorm_equals_one_big_batch() -> None:
     tx = optax.sgd(0.5, momentum=0.9)
     batch = toy_batch(16)
@@ -297,6 +298,7 @@ def test_accumulation_without_batchnorm_equals_one_big_batch() -> None:
     assert out[1][1] == pytest.approx(out[4][1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_accumulation_with_batchnorm_uses_micro_batch_statistics() -> None:
     k, n, lr, m = 2, 8, 0.1, 0.8
     batch = toy_batch(n, seed=1)
