@@ -119,7 +119,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
 def _train_in(cfg: Config, rundir: "ckpt_lib.RunDirectory", main: bool, t_start: float) -> dict[str, Any]:
     workdir = rundir.path
     data = load_data(cfg)
-    strategy = parallel.make_strategy(cfg.parallel, cfg.data.batch_size)
+    strategy = parallel.make_strategy(cfg.parallel, cfg.data.batch_size, accum_steps=cfg.optim.accum_steps)
     model = build_model(cfg, data.num_classes, strategy.model_overrides)
     steps_per_epoch = len(data.train.labels) // cfg.data.batch_size
     if steps_per_epoch == 0:

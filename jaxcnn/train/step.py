@@ -82,7 +82,7 @@ def _pmean(tree: Any, axis_name: str | None) -> Any:
 def make_train_step(opts: StepOptions, axis_name: str | None = None) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
-    metrics: {'loss', 'accuracy', 'grad_norm', 'lr_step'} averaged over the (global) batch.
+    metrics: {'loss', 'accuracy', 'grad_norm'} averaged over the (global) batch.
     With accum_steps = k > 1 the batch is split into k micro-batches of B/k; gradients are averaged over them and the
     optimizer steps once. BatchNorm statistics are computed per micro-batch, and the running averages are updated
     k times (once per micro-batch, in order), exactly as k smaller forward passes would.
