@@ -303,9 +303,15 @@ def _restore_template(template: TrainState) -> dict[str, Any]:
     return jax.tree_util.tree_map(lambda s: np.empty(s.shape, s.dtype), shapes)
 
 
-def _nonfinite_leaf(tree: Any) -> str | None:
-    """The name ('params/Conv_0/kernel') of the first floating leaf holding NaN or inf, or None."""
-    for name, x in zip(leaf_names(tree), jax.tree_util.tree_leaves(tree)):
+# The parts of a state checked for NaN/inf (optimizer states may legitimately hold inf, e.g. a best-so-far value).
+_FINITE_PARTS = ("params", "batch_stats", "ema_params")
+
+
+def _nonfinite_leaf(tree: Mapping[str, Any]) -> str | None:
+    """The name ('params/Conv_0/kernel') of the first floating leaf of params / batch_stats / ema_params holding
+    NaN or inf, or None."""
+    parts = {k: tree[k] for k in _FINITE_PARTS if k in tree}
+    for name, x in zip(leaf_names(parts), jax.tree_util.tree_leaves(parts)):
         a = np.asarray(x)
         if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
             if not np.all(np.isfinite(a.astype(np.float32))):
@@ -345,7 +351,7 @@ def read_step(step_dir: str | Path, template_tree: Any | None = None) -> tuple[d
 
     template_tree: numpy placeholders (shapes/dtypes) to restore into, or None to restore the tree as saved.
     Checks: the files of a finished step are there, every array restores (truncated or corrupted data fails
-    here), floating values are finite, and the recorded step matches the folder name.
+    here), params / batch_stats / ema_params are finite, and the recorded step matches the folder name.
     """
     step_dir = Path(step_dir)
     missing = _missing_files(step_dir)
@@ -631,7 +637,8 @@ class RunCheckpointer:
             os.replace(tmp, self.directory / "metrics.json")
 
     def best_step(self) -> int | None:
-        """The saved step with the best recorded metric (ties: the newest), or None."""
+        """The saved step with the best recorded metric (ties: the newest), or None. Only saved steps compete: an
+        evaluation at a step that is not a checkpoint step (e.g. with checkpoint.every_epoch=false) is not kept."""
         if self._best is None:
             return None
         higher = self._best[2]
