@@ -8,8 +8,11 @@ Command:   python experiments/visualize_filters.py --workdir runs/visualize_filt
 Question:  what does a CNN's first layer learn? Its 5x5 filters, shown on a symmetric scale (grey = 0), next to
            the responses of hand-designed filters (Gaussian blur, Sobel x/y edge detectors, Laplacian) put into
            the same Conv2d layer as fixed weights.
-Runtime:   not measured yet
-Expected:  not measured yet
+Runtime:   about 30 s on an idle 2-core CPU (36 s of CPU time measured; 1.5 min wall on a busy one).
+Expected:  measured (docs/results/visualize_filters.md and the PNGs beside it): the model reaches 97.43% test
+           accuracy (one run: 10,000 training images, 3 epochs); its first-layer maps separate strokes by
+           orientation (one channel fires on horizontal strokes, another on slanted ones), and the fixed Sobel
+           filters put opposite signs on the two sides of each stroke.
 Full size: --set data.train_limit=none --set train.epochs=10.
 """
 
@@ -53,7 +56,7 @@ def make_pictures(cfg: Config, workdir: str | Path, num_images: int = 4) -> list
     from jaxcnn.train.transfer import read_pretrained
 
     workdir = Path(workdir)
-    variables, source = read_pretrained(workdir)
+    variables, _ = read_pretrained(workdir)
     test = load_split(cfg.data.name, "test", data_dir=cfg.data.data_dir, source=cfg.data.source, limit=num_images)
     info = DATASET_INFO[cfg.data.name]
     model = build_model(cfg, info.num_classes)
@@ -63,7 +66,8 @@ def make_pictures(cfg: Config, workdir: str | Path, num_images: int = 4) -> list
     predicted = jnp.argmax(features["logits"], axis=-1).tolist()
     labels = ", ".join(f"{int(t)}→{p}" for t, p in zip(test.labels, predicted))
     return [
-        save_filters(kernel, workdir / "filters.png", title=f"{cfg.model['name']} {name} {kernel.shape} ({source})"),
+        save_filters(kernel, workdir / "filters.png",
+                     title=f"{cfg.model['name']} first conv layer {name} {tuple(kernel.shape)} (grey = 0)"),
         save_feature_maps(test.images, features, workdir / "feature_maps.png",
                           title=f"feature maps of test images (label→prediction: {labels})"),
         save_fixed_filter_responses(
