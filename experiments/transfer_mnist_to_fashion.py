@@ -38,7 +38,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxcnn.config import Config, DataConfig, ScheduleConfig, TrainConfig, TransferConfig, apply_overrides, load_experiment
+from jaxcnn.config import (
+    Config,
+    DataConfig,
+    ScheduleConfig,
+    TrainConfig,
+    TransferConfig,
+    apply_overrides,
+    load_experiment,
+)
 
 # variant -> (start from the MNIST weights?, transfer.freeze, unfreeze after this fraction of the fine-tuning steps)
 VARIANTS: dict[str, tuple[bool, tuple[str, ...], float | None]] = {
@@ -85,11 +93,11 @@ def results_table(pretrain: dict[str, Any], runs: dict[tuple[int, str], list[dic
     """A markdown table: one row per (target size, variant), test accuracy (%) mean ± std over seeds, run time."""
     first = next(iter(runs.values()))
     lines = [
-        f"Pre-training: LeNet-5 on all of MNIST ({pretrain['steps']} steps of {pretrain['batch_size']}), test accuracy "
-        f"{100 * pretrain['test_accuracy']:.2f}% ({pretrain['wall_s']:.0f} s wall).",
-        f"Fine-tuning: {FINETUNE_STEPS} steps of {FINETUNE_BATCH} on the first N Fashion-MNIST training images; test "
-        f"accuracy on all {first[0]['test_count']:,} Fashion-MNIST test images, mean ± sample std over {len(first)} "
-        f"seeds.",
+        (f"Pre-training: LeNet-5 on all of MNIST ({pretrain['steps']} steps of {pretrain['batch_size']}), test "
+         f"accuracy {100 * pretrain['test_accuracy']:.2f}% ({pretrain['wall_s']:.0f} s wall)."),
+        (f"Fine-tuning: {FINETUNE_STEPS} steps of {FINETUNE_BATCH} on the first N Fashion-MNIST training images; test "
+         f"accuracy on all {first[0]['test_count']:,} Fashion-MNIST test images, mean ± sample std over {len(first)} "
+         f"seeds."),
         "",
         "| N | start | trained | test accuracy (%) | test loss | s per run |",
         "|---|---|---|---|---|---|",

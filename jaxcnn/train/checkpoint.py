@@ -57,15 +57,22 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Self
 
 import flax.serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxcnn.config import Config, ConfigError, config_from_dict, config_to_dict, diff_configs
+from jaxcnn.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    diff_configs,
+)
 from jaxcnn.train.state import TrainState, leaf_names
 
 STATE_ITEM = "state"
@@ -142,7 +149,7 @@ class RunDirectory:
 
     # -- context manager ------------------------------------------------------------------------------------
 
-    def __enter__(self) -> "RunDirectory":
+    def __enter__(self) -> Self:
         self._create_and_probe()
         if self.main:
             self._lock()
@@ -153,7 +160,7 @@ class RunDirectory:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._restore_handlers()
         self._unlock()
 
@@ -313,9 +320,8 @@ def _nonfinite_leaf(tree: Mapping[str, Any]) -> str | None:
     parts = {k: tree[k] for k in _FINITE_PARTS if k in tree}
     for name, x in zip(leaf_names(parts), jax.tree_util.tree_leaves(parts)):
         a = np.asarray(x)
-        if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
-            if not np.all(np.isfinite(a.astype(np.float32))):
-                return name
+        if (a.dtype.kind == "f" or a.dtype.name == "bfloat16") and not np.all(np.isfinite(a.astype(np.float32))):
+            return name
     return None
 
 
@@ -367,7 +373,7 @@ def read_step(step_dir: str | Path, template_tree: Any | None = None) -> tuple[d
                 tree = ckptr.restore(step_dir / STATE_ITEM)
             else:
                 tree = ckptr.restore(step_dir / STATE_ITEM, args=ocp.args.StandardRestore(template_tree))
-    except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for damaged data
+    except Exception as e:  # Orbax and TensorStore raise many types for damaged data
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointDamagedError(f"restoring its arrays failed: {type(e).__name__}: {first_line[:300]}") from e
     bad = _nonfinite_leaf(tree)
@@ -613,7 +619,7 @@ class RunCheckpointer:
             "jax_version": jax.__version__,
             "device_count": jax.device_count(),
             "process_count": jax.process_count(),
-            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
 
     # -- the best step and retention --------------------------------------------------------------------------

@@ -27,9 +27,10 @@ training, its optimizer statistics (momentum, Adam moments) are warm and its lea
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.serialization
 import jax
@@ -67,7 +68,7 @@ def read_pretrained(init_from: str | Path) -> tuple[dict[str, Any], str]:
     if path.is_file():
         try:
             tree = flax.serialization.msgpack_restore(path.read_bytes())
-        except Exception as e:  # noqa: BLE001 - msgpack raises several types for a file that is not msgpack
+        except Exception as e:  # msgpack raises several types for a file that is not msgpack
             raise ValueError(
                 f"transfer.init_from={str(path)!r} is not a msgpack file written by export_params ({type(e).__name__}: "
                 f"{e})"
@@ -246,7 +247,7 @@ def unfreeze_step(transfer_cfg: TransferConfig, steps_per_epoch: int) -> int | N
         return None
     if e < 0:
         raise ConfigError(f"transfer.unfreeze_at_epoch={e} must be >= 0")
-    return int(round(e * steps_per_epoch))
+    return round(e * steps_per_epoch)
 
 
 def apply_freeze(

@@ -24,7 +24,12 @@ import pytest
 
 from jaxcnn.config import CheckpointConfig, Config, OptimConfig, TrainConfig
 from jaxcnn.train import checkpoint as ckpt_lib
-from jaxcnn.train.checkpoint import ConfigMismatchError, RunCheckpointer, RunDirectory, WorkdirError
+from jaxcnn.train.checkpoint import (
+    ConfigMismatchError,
+    RunCheckpointer,
+    RunDirectory,
+    WorkdirError,
+)
 from jaxcnn.train.state import create_train_state, init_variables
 
 

@@ -6,7 +6,6 @@ The reference for a resumed run is the same run done in one go (bit-identical on
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import subprocess
@@ -73,7 +72,7 @@ def run_cli(workdir: Path, mnist_dir: Path, overrides: list[str], *, kill_at: in
     args = ["train", str(EXPERIMENT), "--workdir", str(workdir),
             *sets(*SMALL, f"data.data_dir={mnist_dir}", *overrides)]
     return subprocess.run([sys.executable, "-c", driver, str(kill_at or -1), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.mark.slow
@@ -113,14 +112,14 @@ def test_sigterm_finishes_the_step_saves_and_the_rerun_resumes(tmp_path, mnist_d
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     last = max(r["step"] for r in writers.read_jsonl(metrics) if r.get("kind") == "train")
     assert last < 300
     assert f"stopped at step {last} on SIGTERM; checkpoint saved" in err
     assert ckpt_lib.list_steps(workdir / "checkpoints") == [last]  # no checkpoint was due: this one is the stop's
 
-    rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming from checkpoint at step {last} of 300" in rerun.stderr
     assert json.loads((workdir / "summary.json").read_text())["steps"] == 300
@@ -195,9 +194,8 @@ def test_a_resume_with_a_changed_config_lists_the_keys(ten_steps, tmp_path, mnis
 def test_a_second_run_in_the_same_workdir_is_refused_before_training(tmp_path, mnist_dir):
     from jaxcnn.train.loop import train
 
-    with RunDirectory(tmp_path / "run"):
-        with pytest.raises(WorkdirError, match="in use by another run"):
-            train(config(mnist_dir, "train.steps=2"), tmp_path / "run")
+    with RunDirectory(tmp_path / "run"), pytest.raises(WorkdirError, match="in use by another run"):
+        train(config(mnist_dir, "train.steps=2"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -181,12 +181,12 @@ def test_unfreeze_matches_a_numpy_momentum_sgd():
     for t, g in enumerate(grads):
         updates, opt_state = tx.update({k: jnp.asarray(v) for k, v in g.items()}, opt_state, p)
         p = optax.apply_updates(p, updates)
-        for k in ref:
-            m[k] = mu * m[k] + g[k]
+        for k, gk in g.items():
+            m[k] = mu * m[k] + gk
             if k == "b" or t >= start:
                 ref[k] = ref[k] - lr * m[k]
-        for k in ref:
-            np.testing.assert_allclose(np.asarray(p[k]), ref[k], rtol=1e-6, err_msg=f"{k} after step {t}")
+        for k, expected in ref.items():
+            np.testing.assert_allclose(np.asarray(p[k]), expected, rtol=1e-6, err_msg=f"{k} after step {t}")
 
 
 def test_freeze_patterns_are_checked():
