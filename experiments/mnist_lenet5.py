@@ -2,8 +2,9 @@
 
 Command:   python -m jaxcnn train experiments/mnist_lenet5.py --workdir runs/mnist_lenet5
 Question:  the course's first CNN on the digits it was designed for.
-Runtime:   about 2 minutes on a 2-core CPU (10 epochs of 60,000 images).
-Expected:  about 99.1% test accuracy (LeCun et al. report 99.05% for LeNet-5; measured, see README).
+Runtime:   10 epochs of 60,000 images: measured 16 min wall on a 2-core CPU shared with other jobs (load average
+           about 12, 707 train images/s); an idle 2-core CPU is several times faster (see README).
+Expected:  99.31% test accuracy, measured (seed 0, jax 0.10.2); LeCun et al. report 99.05% for LeNet-5.
 Data:      ../shared/data/mnist (official files), or --set data.data_dir=FOLDER.
 """
 

@@ -35,7 +35,7 @@ def test_train_end_to_end_on_a_real_slice(tmp_path, fashion_dir):
         assert key in summary, key
     assert summary["params"] == 61_706
     assert summary["test_count"] == 1000  # 1000 test images in batches of 300: every one counted once
-    assert summary["test_accuracy"] > 0.6  # two epochs on 2k images; chance is 0.1
+    assert summary["test_accuracy"] > 0.5  # two epochs (one of warm-up) on 2k images; chance is 0.1
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in records}
     assert {"train", "test"} <= kinds
