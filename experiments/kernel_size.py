@@ -3,7 +3,7 @@
 Command:   python -m jaxcnn sweep experiments/kernel_size.py --workdir runs/kernel_size
 Question:  VGG (Simonyan & Zisserman 2015) argued for stacks of 3x3 convolutions: two 3x3 layers see a 5x5
            window with 18 instead of 25 weights per channel pair, and add a nonlinearity. A small ResNet (one
-           basic block per stage, 16/32/64 channels) on Fashion-MNIST:
+           basic block per stage, 8/16/32 channels) on Fashion-MNIST:
            - k3, k5, k7: the same network with bigger kernels (more parameters and a bigger receptive field);
            - k3-deep: 3x3 kernels and two blocks per stage, the receptive field of k5 with fewer parameters;
            - k7-thin: 7x7 kernels at 3/7 of the width, about the parameters of k3.
@@ -21,11 +21,11 @@ from jaxcnn.results.sweep import chain, named, product, seeds
 
 def get_config() -> Config:
     return Config(
-        model={"name": "resnet20", "stage_sizes": (1, 1, 1)},
-        data=DataConfig(name="fashion_mnist", train_limit=2000, test_limit=5000, batch_size=128),
-        optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
+        model={"name": "resnet20", "stage_sizes": (1, 1, 1), "width": 0.5, "stem_width": 8},
+        data=DataConfig(name="fashion_mnist", train_limit=2000, test_limit=5000, batch_size=32),
+        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
-        train=TrainConfig(epochs=2, log_every_steps=5, eval_every_epochs=0),
+        train=TrainConfig(epochs=4, log_every_steps=10, eval_every_epochs=0),
     )
 
 
@@ -35,6 +35,6 @@ def sweep() -> list[dict]:
         named("k5", {"model.kernel_size": 5}),
         named("k7", {"model.kernel_size": 7}),
         named("k3-deep-rf-of-k5", {"model.kernel_size": 3, "model.stage_sizes": (2, 2, 2)}),
-        named("k7-thin-params-of-k3", {"model.kernel_size": 7, "model.width": 3 / 7, "model.stem_width": 7}),
+        named("k7-thin-params-of-k3", {"model.kernel_size": 7, "model.width": 1.5 / 7, "model.stem_width": 3}),
     )
     return product(variants, seeds(2))
