@@ -219,7 +219,7 @@ def test_search_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert dirs.index(tmp_path / "env/fashion_mnist") < dirs.index(Path("/usr/share/datasets/fashion-mnist"))
     assert dirs[-1] == tmp_path / "cache/jaxcnn/fashion_mnist"
     mnist_dirs = locate.search_dirs("mnist")
-    assert locate.REPO_ROOT.parent / "shared/data/mnist" in [Path(p).resolve() for p in mnist_dirs]
+    assert (locate.REPO_ROOT.parent / "shared/data/mnist").resolve() in [Path(p).resolve() for p in mnist_dirs]
 
 
 def test_env_folder_is_used(isolated: Path, mnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
