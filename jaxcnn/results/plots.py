@@ -75,7 +75,8 @@ def plot_learning_curves(curves: Mapping[str, Sequence[Mapping[str, Sequence[flo
     curves: variant → one curve per seed (see the module docstring).
     """
     fig = Figure(figsize=(11.0, 4.2))
-    ax_loss, ax_acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax_loss = fig.add_subplot(1, 2, 1)
+    ax_acc = fig.add_subplot(1, 2, 2, sharex=ax_loss)  # one epoch axis, also when the test set is seen only at the end
     for i, (variant, runs) in enumerate(curves.items()):
         color = f"C{i % 10}"
         for ax, x_key, y_key, scale in ((ax_loss, "train_epoch", "train_loss", 1.0),
