@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxcnn.nn import fast_conv
+
 PaddingMode = Literal["valid", "same", "full"]
 # One axis: a mode, an int for both sides, or (lo, hi).
 AxisPadding = Union[PaddingMode, int, tuple[int, int]]
@@ -244,15 +246,8 @@ def conv2d(
     strides_hw, dilation_hw = _pair(strides, "strides"), _pair(dilation, "dilation")
     pads = resolve_padding(padding, (kh, kw), dilation_hw, strides=strides_hw, input_size=tuple(x.shape[1:3]))
     _window_output_hw(x.shape, (kh, kw), strides_hw, pads, dilation_hw, f"conv kernel {kh}x{kw}")
-    return lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=strides_hw,
-        padding=pads,
-        rhs_dilation=dilation_hw,
-        dimension_numbers=_CONV_DIMENSION_NUMBERS,
-        feature_group_count=groups,
-    )
+    # Same mathematics as lax.conv_general_dilated, with gradients XLA's CPU backend runs faster (fast_conv.py).
+    return fast_conv.conv2d(x, kernel, strides=strides_hw, padding=pads, dilation=dilation_hw, groups=groups)
 
 
 def true_conv2d(
