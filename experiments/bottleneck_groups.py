@@ -16,7 +16,7 @@ Expected:  measured (docs/results/bottleneck_groups.md; 2,000 training images, 4
            image), basic-g4 74.20 ± 0.20% (19,706, 4.7 M), bottleneck 74.07 ± 0.69% (33,498, 8.4 M),
            bottleneck-g4 74.47 ± 0.61% (41,786, 11.4 M). The cheaper blocks give up about 3 points at a quarter
            to a half of the cost. FLOPs are not time here: on XLA:CPU the grouped variants trained at a third
-           of the basic block's images/s despite 2-4x fewer FLOPs (rough figures, busy machine).
+           of the basic block's images/s despite 1.6-3.9x fewer FLOPs (rough figures, busy machine).
 Full size: --set data.train_limit=none --set data.test_limit=none --set train.eval_every_epochs=1
            --set train.epochs=20.
 """
