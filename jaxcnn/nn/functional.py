@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn.nn import fast_conv
+from jaxcnn.nn import fast_conv, fast_pool
 
 PaddingMode = Literal["valid", "same", "full"]
 # One axis: a mode, an int for both sides, or (lo, hi).
@@ -312,6 +312,8 @@ def max_pool(
     Padded cells hold -inf (the lowest value for integer inputs), so they never win.
     """
     window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "max")
+    if fast_pool.tiles(window_hw, strides_hw, pads):  # same result, a faster gradient on CPU (fast_pool.py)
+        return fast_pool.max_pool_tiled(x, window_hw)
     if jnp.issubdtype(x.dtype, jnp.floating):
         init = np.array(-np.inf, x.dtype)  # a concrete scalar: lax picks the differentiable max reducer
     else:
