@@ -1,0 +1,72 @@
+"""XLA flags for the CPU backend, set before JAX starts it.
+
+XLA reads `XLA_FLAGS` once, when JAX creates its first backend (the first array, jit or `jax.devices()`), so
+`configure_xla_cpu()` must run before that: `jaxcnn.train.loop.train` (and so `python -m jaxcnn train` and
+`sweep`) calls it first thing; a script or notebook that builds its own steps calls it before its first JAX call.
+
+    from jaxcnn.train.xla_flags import configure_xla_cpu
+    configure_xla_cpu()          # then import models, build arrays, ...
+
+A flag the user already put in `XLA_FLAGS` is never overridden, so any default below can be switched off from
+the environment (e.g. `XLA_FLAGS=--xla_cpu_use_thunk_runtime=true`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+# flag -> value, with why. Applied on every platform (XLA ignores CPU flags on GPU/TPU backends).
+DEFAULT_CPU_FLAGS: dict[str, str] = {
+    # Convolutions on XLA's classic (Eigen) kernels instead of YNNPACK, which jax 0.10-0.12 use by default for the
+    # filter-gradient convolutions: Eigen runs those 1.5-3x faster on this CPU (benchmarks/README.md); dots,
+    # reductions and elementwise ops stay on their defaults. The leading '-' removes one entry from the default
+    # set (both jax 0.10 and 0.12 accept it).
+    "xla_cpu_experimental_ynn_fusion_type": "-individual_convolution",
+}
+
+
+def _flag_name(item: str) -> str:
+    return item.lstrip("-").split("=", 1)[0]
+
+
+def _backends_started() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # pragma: no cover - a JAX without the private module: assume the worst
+        return True
+    return bool(xla_bridge.backends_are_initialized())
+
+
+def configure_xla_cpu(flags: dict[str, str] | None = None) -> bool:
+    """Adds `flags` (default `DEFAULT_CPU_FLAGS`) to `XLA_FLAGS`, keeping any flag the user already set.
+
+    Returns True when the flags are in place for the backend about to start, False (with a warning) when JAX
+    already started its backends in this process, where new XLA flags have no effect.
+    """
+    flags = DEFAULT_CPU_FLAGS if flags is None else flags
+    current = os.environ.get("XLA_FLAGS", "").split()
+    present = {_flag_name(item) for item in current}
+    missing = [f"--{name}={value}" for name, value in flags.items() if name not in present]
+    if not missing:
+        return True
+    if _backends_started():
+        import jax
+
+        if jax.default_backend() == "cpu":  # on GPU/TPU the CPU flags would not matter anyway
+            warnings.warn(
+                f"jaxcnn: JAX's CPU backend is already running, so the XLA flags {' '.join(missing)} cannot take "
+                "effect (training runs slower); call jaxcnn.train.xla_flags.configure_xla_cpu() before the first "
+                "JAX array or jit",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return False
+    os.environ["XLA_FLAGS"] = " ".join(current + missing)
+    return True
+
+
+__all__ = ["DEFAULT_CPU_FLAGS", "configure_xla_cpu"]

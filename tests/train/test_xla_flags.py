@@ -1,0 +1,48 @@
+"""jaxcnn.train.xla_flags: flags land in XLA_FLAGS before the backend starts, user settings win, late calls warn."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def run_python(code: str, xla_flags: str) -> subprocess.CompletedProcess:
+    env = {"XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_adds_defaults_keeps_user_flags_and_warns_when_too_late():
+    code = """
+        import os, warnings
+        from jaxcnn.train.xla_flags import DEFAULT_CPU_FLAGS, configure_xla_cpu
+        assert configure_xla_cpu() is True
+        flags = os.environ["XLA_FLAGS"].split()
+        assert "--xla_force_host_platform_device_count=2" in flags
+        for name, value in DEFAULT_CPU_FLAGS.items():
+            assert f"--{name}={value}" in flags, flags
+        assert configure_xla_cpu({"xla_cpu_experimental_ynn_fusion_type": "other"}) is True  # already set: kept
+        assert os.environ["XLA_FLAGS"].split() == flags
+        import jax
+        assert jax.device_count() == 2  # the flags reached XLA
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert configure_xla_cpu({"xla_cpu_enable_fast_math": "false"}) is False
+        assert any("already running" in str(w.message) for w in caught)
+        print("ok")
+    """
+    result = run_python(code, "--xla_force_host_platform_device_count=2")
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_user_value_of_a_default_flag_wins():
+    code = """
+        import os
+        from jaxcnn.train.xla_flags import configure_xla_cpu
+        configure_xla_cpu()
+        print(os.environ["XLA_FLAGS"])
+    """
+    result = run_python(code, "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["--xla_cpu_experimental_ynn_fusion_type=individual_dot"]
