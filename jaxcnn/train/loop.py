@@ -28,6 +28,7 @@ from jaxcnn.train import parallel, transfer
 from jaxcnn.train.optim import make_optimizer
 from jaxcnn.train.state import TrainState, create_train_state, init_variables, leaf_names, param_count
 from jaxcnn.train.step import StepOptions, make_eval_step, make_train_step
+from jaxcnn.train.xla_flags import configure_xla_cpu
 
 
 class NonFiniteError(FloatingPointError):
@@ -109,6 +110,7 @@ def _raise_if_nonfinite(state: TrainState) -> None:
 def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     """Runs the experiment `cfg` in `workdir` (resuming from its latest good checkpoint) and returns the summary."""
     t_start = time.perf_counter()
+    configure_xla_cpu()  # before JAX starts its backend: faster CPU kernels (jaxcnn/train/xla_flags.py)
     parallel.init_distributed(cfg.parallel)
     workdir = Path(workdir)
     main = jax.process_index() == 0
