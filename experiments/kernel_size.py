@@ -13,9 +13,10 @@ Runtime:   about 3-4 min on an idle 2-core CPU (10 runs; 290 s of CPU time measu
 Expected:  measured (docs/results/kernel_size.md; 2,000 training images, 4 epochs of batch 32, 5,000 test
            images, mean ± sample std of 2 seeds): k3 74.06 ± 0.25% (19,074 parameters), k5 77.64 ± 0.11%
            (51,842), k7 77.98 ± 1.10% (100,994), k3-deep 77.04 ± 1.56% (43,490), k7-thin 76.39 ± 1.85%
-           (18,997). In a net this shallow (one block per stage) the receptive field is short, and what
-           widens it helps: bigger kernels or more 3x3 layers, about equally at equal receptive field (k5 vs
-           k3-deep, within the noise); at equal parameters 7x7 kernels on fewer channels beat 3x3 by 2 points.
+           (18,997). Everything that widens the receptive field of this shallow net (one block per stage)
+           helped: bigger kernels or more 3x3 layers, about equally at equal receptive field (k5 vs k3-deep,
+           within the noise); at equal parameters, 7x7 kernels on fewer channels were about 2 points above 3x3
+           (with only 2 seeds and a spread of 1.9 points for k7-thin: suggestive, not conclusive).
 Full size: --set data.train_limit=none --set data.test_limit=none --set train.eval_every_epochs=1
            --set train.epochs=20.
 """
