@@ -11,6 +11,7 @@ Expected:  measured (docs/results/ablate_pooling.md; 10,000 training images, 3 e
            FLOPs (297 k vs 833 k per image) and were the fastest to train here (the images/s in the table come
            from a busy machine and are rough). With 3 seeds, max vs L2 is within the noise.
 Full size: --set data.train_limit=none --set train.epochs=20.
+CIFAR-10:  add --set data.name=cifar10 (with the data in place; not measured here).
 """
 
 from jaxcnn.config import Config, DataConfig, OptimConfig, ScheduleConfig, TrainConfig

@@ -12,6 +12,8 @@ Expected:  measured (docs/results/augmentation.md; 5,000 training images, 12 epo
            improving at epoch 12; whether they pass the others with more epochs (--set train.epochs=40) was
            not measured.
 Full size: --set data.train_limit=none --set train.epochs=30.
+CIFAR-10:  add --set data.name=cifar10 (with the data in place; not measured here); for CIFAR's usual 4-pixel
+           crops, change the crop variants' data.crop_padding in sweep().
 """
 
 from jaxcnn.config import Config, DataConfig, OptimConfig, ScheduleConfig, TrainConfig

@@ -15,6 +15,7 @@ Expected:  measured (docs/results/gap_vs_flatten.md; 10,000 training images, 3 e
            16x16 pixels, so where a feature was seen carries much of the class; GAP is the head of deep nets
            (ResNet, NiN) whose last features see the whole image.
 Full size: --set data.train_limit=none --set train.epochs=20.
+CIFAR-10:  add --set data.name=cifar10 (with the data in place; not measured here).
 """
 
 from jaxcnn.config import Config, DataConfig, OptimConfig, ScheduleConfig, TrainConfig
