@@ -1,0 +1,157 @@
+"""jaxcnn against PyTorch eager: the same models trained side by side on the same device, alternately.
+
+    python benchmarks/vs_pytorch.py                                   # resnet20, lenet5, mlp, vgg11 at batch 128
+    python benchmarks/vs_pytorch.py --models resnet20 --steps 10 --rounds 7
+    python benchmarks/vs_pytorch.py --models resnet20 --torch-layout channels_last
+
+Both sides train the same network (benchmarks/torch_models.py holds the PyTorch twins, with jaxcnn's widths,
+paddings, biases and BatchNorm settings) with the same batch, float32, softmax cross-entropy, and SGD with
+Nesterov momentum 0.9 and weight decay 5e-4 on every parameter. Both start from uint8 batches already in memory
+and turn them into normalised floats inside the step. jaxcnn runs the train step `jaxcnn train` runs
+(benchmarks/train_throughput.py builds it); PyTorch runs a plain eager loop (zero_grad, forward, loss,
+backward, step) with `torch.set_num_threads(os.cpu_count())` (2 on the 2-core benchmark machine).
+
+Timing: compile / warm-up steps first, then `--rounds` rounds; in each round jaxcnn trains `--steps` steps, then
+PyTorch trains `--steps` steps, so both see the same machine load. Printed: the median images/s of each side, the
+ratio of the medians and the median of the per-round ratios. PyTorch is optional (`pip install torch==2.13.0`);
+without it only the jaxcnn figures are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from train_throughput import BENCH_MODELS, LR, MOMENTUM, WEIGHT_DECAY, bench_spec, machine_line, make_jax_trainer  # noqa: E402
+
+DEFAULT_MODELS = ("resnet20", "lenet5", "mlp", "vgg11")
+
+
+class TorchTrainer:
+    """The PyTorch twin of a benchmark model with its optimizer and uint8 batches; `run(n)` trains n steps."""
+
+    def __init__(self, name: str, batch_size: int, *, channels_last: bool = False, seed: int = 0,
+                 num_batches: int = 4) -> None:
+        import numpy as np
+        import torch
+
+        from torch_models import make_torch_model, param_count
+
+        torch.manual_seed(seed)
+        _, knobs, (h, w, c) = bench_spec(name)
+        self.torch = torch
+        self.model = make_torch_model(name, knobs["num_classes"], channels_last=channels_last)
+        self.params = param_count(self.model)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
+                                   weight_decay=WEIGHT_DECAY)
+        self.loss = torch.nn.CrossEntropyLoss()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean = torch.full((1, c, 1, 1), 127.5 / 255.0)
+        self.std = torch.full((1, c, 1, 1), 64.0 / 255.0)
+        rng = np.random.default_rng(seed)
+        self.batches = []
+        for _ in range(num_batches):
+            images = torch.from_numpy(rng.integers(0, 256, (batch_size, c, h, w), dtype=np.uint8))
+            labels = torch.from_numpy(rng.integers(0, knobs["num_classes"], batch_size).astype(np.int64))
+            self.batches.append((images.contiguous(memory_format=self.memory_format), labels))
+        self.step = 0
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            images, labels = self.batches[self.step % len(self.batches)]
+            x = ((images.float() / 255.0 - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.loss(self.model(x), labels)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+        loss.item()
+
+
+def torch_available() -> str | None:
+    """None when PyTorch imports, else why not."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as error:
+        return f"PyTorch is not installed here ({error}); `pip install torch==2.13.0` adds it (CPU build)"
+    return None
+
+
+def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, torch_layout: str,
+            with_torch: bool) -> dict[str, Any]:
+    """Trains `name` with jaxcnn and PyTorch alternately; returns the per-round images/s of each."""
+    jax_trainer = make_jax_trainer(name, batch_size)
+    jax_trainer.run(warmup)
+    torch_trainer = None
+    if with_torch:
+        torch_trainer = TorchTrainer(name, batch_size, channels_last=torch_layout == "channels_last")
+        torch_trainer.run(warmup)
+    jax_rates: list[float] = []
+    torch_rates: list[float] = []
+    for _ in range(rounds):
+        for trainer, rates in ((jax_trainer, jax_rates), (torch_trainer, torch_rates)):
+            if trainer is None:
+                continue
+            t0 = time.perf_counter()
+            trainer.run(steps)
+            rates.append(steps * batch_size / (time.perf_counter() - t0))
+    return {"jax": jax_rates, "torch": torch_rates, "compile_s": jax_trainer.compile_s,
+            "jax_params": jax_trainer.params, "torch_params": torch_trainer.params if torch_trainer else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated, from {', '.join(m for m in BENCH_MODELS if m in ('resnet20', 'resnet56', 'lenet5', 'mlp', 'vgg11'))}")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per timed round (default: 5 for vgg11/resnet56, 10 for resnet20, 50 for lenet5/mlp)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side; medians are reported")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side after compilation")
+    parser.add_argument("--torch-layout", default="nchw", choices=("nchw", "channels_last"),
+                        help="PyTorch memory format (nchw: PyTorch's default)")
+    parser.add_argument("--no-torch", action="store_true", help="time jaxcnn only")
+    args = parser.parse_args(argv)
+
+    from jaxcnn.train.xla_flags import configure_xla_cpu
+
+    configure_xla_cpu()
+    missing = "--no-torch given" if args.no_torch else torch_available()
+    if missing is None:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch_line = f"PyTorch {torch.__version__} eager ({args.torch_layout}), {torch.get_num_threads()} threads"
+    else:
+        torch_line = f"PyTorch: unavailable ({missing})"
+    print(machine_line())
+    print(torch_line)
+    print(f"batch {args.batch}, float32, SGD-Nesterov + weight decay, {args.rounds} alternating rounds")
+    default_steps = {"resnet20": 10, "resnet56": 5, "vgg11": 5, "lenet5": 50, "mlp": 50}
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name not in default_steps:
+            parser.error(f"--models: unknown model {name!r}; choose from {', '.join(default_steps)}")
+        steps = args.steps or default_steps[name]
+        r = compare(name, args.batch, steps, args.rounds, args.warmup, args.torch_layout, missing is None)
+        jax_median = statistics.median(r["jax"])
+        line = f"{name:9s} jaxcnn {jax_median:9,.1f} images/s (compile {r['compile_s']:.1f} s)"
+        if r["torch"]:
+            torch_median = statistics.median(r["torch"])
+            per_round = statistics.median(j / t for j, t in zip(r["jax"], r["torch"]))
+            line += (f" | PyTorch {torch_median:9,.1f} images/s | ratio {jax_median / torch_median:.2f}x "
+                     f"(median per-round ratio {per_round:.2f}x)")
+            if r["jax_params"] != r["torch_params"]:
+                line += f" | PARAMETER COUNTS DIFFER: jaxcnn {r['jax_params']:,}, PyTorch {r['torch_params']:,}"
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
