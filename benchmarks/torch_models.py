@@ -5,7 +5,7 @@ biases and parameter count as its jaxcnn model, so one training step does the sa
 
 - ``resnet20``: CIFAR ResNet-20 (He et al., 2015): 3x3 stem with 16 channels, three stages of three basic blocks
   (16/32/64 channels), option-A shortcuts (stride subsampling + zero channels), global average pool, linear.
-  272,474 parameters at 10 classes (jaxcnn's ``create_model('resnet20')``).
+  269,722 parameters at 10 classes (jaxcnn's ``create_model('resnet20')``).
 - ``lenet5``: zero-pad 28x28 to 32x32, conv5x5·6 - ReLU - max pool 2 - conv5x5·16 - ReLU - max pool 2 - fc120 -
   fc84 - logits: 61,706 parameters (jaxcnn's ``lenet5``).
 - ``mlp``: 784-300-100-10 with ReLU: 266,610 parameters (jaxcnn's ``mlp``).
