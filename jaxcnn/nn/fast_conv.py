@@ -34,9 +34,55 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Pairs = tuple[tuple[int, int], tuple[int, int]]
 
 
+def _smaller_than_kernel(x_shape: Sequence[int], kernel_shape: Sequence[int], dilation: tuple[int, int]) -> bool:
+    """True when the unpadded input is smaller than the (dilated) kernel along H or W (e.g. 2x2 maps, 3x3 kernel)."""
+    kh, kw = kernel_shape[0], kernel_shape[1]
+    return x_shape[1] < (kh - 1) * dilation[0] + 1 or x_shape[2] < (kw - 1) * dilation[1] + 1
+
+
+def _taps(size: int, pad: tuple[int, int], k: int, stride: int, dil: int) -> tuple[int, list[int]]:
+    """(output size, the kernel offsets along one axis whose window rows touch the input, not only padding)."""
+    out = (size + pad[0] + pad[1] - (k - 1) * dil - 1) // stride + 1
+    live = [a for a in range(k) if any(pad[0] <= a * dil + i * stride < pad[0] + size for i in range(out))]
+    return out, live
+
+
+def _conv_patches(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,
+                  dilation: tuple[int, int]) -> jax.Array:
+    """Dense convolution as one matrix product over explicit patches: [N, Ho, Wo, T * Cin] @ [T * Cin, Cout].
+
+    For inputs smaller than the kernel (the last stages of VGG on 32x32 images: 2x2 maps, 3x3 kernels), where
+    XLA's CPU convolution runs at about 3 GFLOP/s against 150-250 for the same layer at 4x4 (benchmarks/README.md).
+    T counts the kernel taps whose windows touch the input; taps that only ever read zero padding add nothing and
+    are left out. The patches are small because the maps are.
+    """
+    n, h, w, cin = x.shape
+    _, _, _, cout = kernel.shape
+    (sh, sw), (dh, dw) = strides, dilation
+    ho, rows = _taps(h, padding[0], kernel.shape[0], sh, dh)
+    wo, cols = _taps(w, padding[1], kernel.shape[1], sw, dw)
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    patches, weights = [], []
+    for a in rows:
+        for b in cols:
+            patches.append(lax.slice(xp, (0, a * dh, b * dw, 0), (n, a * dh + (ho - 1) * sh + 1,
+                                                                 b * dw + (wo - 1) * sw + 1, cin), (1, sh, sw, 1)))
+            weights.append(kernel[a, b])
+    if not patches:  # every window reads padding only
+        return jnp.zeros((n, ho, wo, cout), jnp.result_type(x, kernel))
+    lhs = jnp.concatenate(patches, axis=3)  # [N, Ho, Wo, T * Cin], tap-major like `rhs`
+    rhs = jnp.concatenate(weights, axis=0)  # [T * Cin, Cout]
+    return lax.dot_general(lhs, rhs, (((3,), (0,)), ((), ())))
+
+
 def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs, dilation: tuple[int, int],
           groups: int) -> jax.Array:
-    """The plain XLA convolution: x [N, H, W, Cin] * kernel [KH, KW, Cin / G, Cout] -> [N, Ho, Wo, Cout]."""
+    """The plain XLA convolution: x [N, H, W, Cin] * kernel [KH, KW, Cin / G, Cout] -> [N, Ho, Wo, Cout].
+
+    Dense convolutions of inputs smaller than the kernel go through `_conv_patches` (same sums, one dot).
+    """
+    if groups == 1 and _smaller_than_kernel(x.shape, kernel.shape, dilation):
+        return _conv_patches(x, kernel, strides, padding, dilation)
     return lax.conv_general_dilated(
         x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
         dimension_numbers=DIMENSION_NUMBERS, feature_group_count=groups,

@@ -70,6 +70,44 @@ def test_outputs_and_gradients_match_xla(grouping, geometry):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"{name}, padding {padding}")
 
 
+# Inputs smaller than the (dilated) kernel take the explicit-patches path (fast_conv._conv_patches): 2x2 and 1x1
+# maps under a 3x3 kernel, a 4x3 map under a dilated 3x3 kernel (5x5 reach), strides, asymmetric and zero padding,
+# and taps that only ever read padding (which the patches path leaves out).
+SMALL_CASES = [
+    ((2, 2), ((1, 1), (1, 1)), (1, 1), (1, 1)),
+    ((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1)),
+    ((2, 3), ((2, 0), (1, 2)), (2, 1), (1, 1)),
+    ((4, 3), ((2, 2), (2, 2)), (1, 1), (2, 2)),
+    ((2, 2), ((3, 3), (0, 3)), (2, 2), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("size, padding, strides, dilation", SMALL_CASES, ids=lambda c: str(c).replace(" ", ""))
+def test_inputs_smaller_than_the_kernel(size, padding, strides, dilation):
+    assert fast_conv._smaller_than_kernel((1, *size, 1), (3, 3, 1, 1), dilation)
+    x, k, weights = random_case(3, 3, *size, 5, 6, 3, 3, 1, strides, padding, dilation)
+    y = fast(x, k, strides, padding, dilation, 1)
+    np.testing.assert_allclose(y, plain_conv(x, k, strides, padding, dilation, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, np_conv2d(x, k, strides, padding, dilation, 1), rtol=1e-5, atol=1e-5)
+    want = loss_and_grads(plain_conv, x, k, weights, strides, padding, dilation, 1)
+    got = loss_and_grads(fast, x, k, weights, strides, padding, dilation, 1)
+    for name, g, w in zip(("loss", "d/dx", "d/dkernel"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=name)
+    want_dx, want_dk = numpy_grads(x, k, weights, strides, padding, dilation, 1)
+    np.testing.assert_allclose(got[1], want_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2], want_dk, rtol=1e-5, atol=1e-5)
+
+
+def test_windows_reading_only_padding_give_zeros_and_zero_gradients():
+    x = jnp.ones((2, 1, 1, 3))
+    k = jnp.ones((3, 3, 3, 4))
+    pads = ((0, 4), (0, 4))  # windows at offset (2, 2) and beyond see only padding for the first output
+    y = fast(x, k, (3, 3), pads, (1, 1), 1)
+    np.testing.assert_allclose(y, plain_conv(x, k, (3, 3), pads, (1, 1), 1))
+    dk = jax.grad(lambda k: jnp.sum(fast(x, k, (3, 3), pads, (1, 1), 1)))(k)
+    np.testing.assert_allclose(dk, jax.grad(lambda k: jnp.sum(plain_conv(x, k, (3, 3), pads, (1, 1), 1)))(k))
+
+
 def numpy_grads(x, k, weights, strides, padding, dilation, groups):
     """d/dx and d/dk of sum(conv(x, k) * weights) with loops over the output (float64)."""
     x, k, g = (np.asarray(a, np.float64) for a in (x, k, weights))
