@@ -105,13 +105,14 @@ class MLP(nn.Module):
 
 
 class VGG(nn.Module):
-    """VGG with BatchNorm (conv biases kept) and a global-average-pool + linear head. x: [N, 3, H, W]."""
+    """VGG with BatchNorm (conv biases kept) and a global-average-pool + linear head. x: [N, in_channels, H, W]."""
 
     def __init__(self, stage_sizes: tuple[int, ...] = (1, 1, 2, 2, 2),
-                 stage_widths: tuple[int, ...] = (64, 128, 256, 512, 512), num_classes: int = 10) -> None:
+                 stage_widths: tuple[int, ...] = (64, 128, 256, 512, 512), num_classes: int = 10,
+                 in_channels: int = 3) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        cin = 3
+        cin = in_channels
         for size, width in zip(stage_sizes, stage_widths):
             for _ in range(size):
                 layers += [nn.Conv2d(cin, width, 3, 1, 1), nn.BatchNorm2d(width, eps=BN_EPS, momentum=BN_MOMENTUM),

@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a script: import the sibling modules and this checkout's jaxcnn
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Benchmark name -> (registry name, model knobs, input [H, W, C]).

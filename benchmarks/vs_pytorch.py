@@ -26,7 +26,8 @@ import sys
 import time
 from typing import Any
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a script: import the sibling modules and this checkout's jaxcnn
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from train_throughput import BENCH_MODELS, LR, MOMENTUM, WEIGHT_DECAY, bench_spec, machine_line, make_jax_trainer  # noqa: E402

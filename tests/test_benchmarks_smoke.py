@@ -60,3 +60,62 @@ def test_torch_twins_have_jaxcnn_parameter_counts():
         model = create_model(registry_name, num_classes=10, **knobs)
         expected = jax_param_count(jax.eval_shape(lambda: init_variables(model, shape, 0))["params"])
         assert param_count(make_torch_model(name)) == expected, name
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_reports_mean_and_std_over_seeds(tmp_path):
+    """Two real (20-step) runs of the fast recipe on real Fashion-MNIST; the figures and the goal line are printed."""
+    from jaxcnn.data.dataset import DatasetNotFoundError, load_split
+
+    try:
+        load_split("fashion_mnist", "test", limit=1)
+    except DatasetNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed (./setup.sh installs it)")
+    args = ["benchmarks/time_to_accuracy.py", "--seeds", "2", "--set", "train.steps=20", "--workdir", str(tmp_path)]
+    try:
+        import torch  # noqa: F401
+
+        args.append("--torch")
+    except ImportError:
+        pass
+    out = run_script(*args)
+    assert "seed 0  jaxcnn" in out and "seed 1  jaxcnn" in out
+    assert "jaxcnn   test accuracy" in out and "n=2" in out and "goal (mean >= 93.0% in < 120 s)" in out
+    assert (tmp_path / "seed1" / "summary.json").is_file()
+    if "--torch" in args:
+        assert "PyTorch  test accuracy" in out
+
+
+def test_time_to_accuracy_summary_line_is_mean_and_sample_std():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from time_to_accuracy import report
+    finally:
+        sys.path.pop(0)
+    runs = [{"test_accuracy": a, "wall_s": t, "train_images_per_s": 1000.0}
+            for a, t in [(0.92, 100.0), (0.93, 110.0), (0.94, 120.0)]]
+    line = report("jaxcnn", runs, target=0.93, budget=120.0)
+    # mean 93.00%, sample std 1.00%; mean time 110.0 s, sample std 10.0 s -> the goal is met.
+    assert "93.00 ± 1.00%" in line and "110.0 ± 10.0 s" in line and ": met" in line
+    assert "NOT met" in report("jaxcnn", runs, target=0.931, budget=120.0)
+
+
+def test_fast_recipe_torch_twin_has_jaxcnn_parameter_count():
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from torch_models import VGG, param_count
+    finally:
+        sys.path.pop(0)
+    import jax
+
+    from jaxcnn.config import load_experiment
+    from jaxcnn.models import create_model
+    from jaxcnn.train.state import init_variables, param_count as jax_param_count
+
+    cfg = load_experiment(REPO / "experiments" / "fashion_mnist_fast.py")
+    knobs = {k: v for k, v in cfg.model.items() if k != "name"}
+    model = create_model(cfg.model["name"], num_classes=10, **knobs)
+    expected = jax_param_count(jax.eval_shape(lambda: init_variables(model, (1, 28, 28, 1), 0))["params"])
+    twin = VGG(tuple(knobs["stage_sizes"]), tuple(knobs["stage_widths"]), num_classes=10, in_channels=1)
+    assert param_count(twin) == expected == 98_922

@@ -1,0 +1,33 @@
+"""A fast Fashion-MNIST recipe: the most test accuracy this codebase reaches in about two minutes on a 2-core CPU.
+
+Command:   python -m jaxcnn train experiments/fashion_mnist_fast.py --workdir runs/fashion_mnist_fast
+           python benchmarks/time_to_accuracy.py            # 3 seeds, mean ± std, against 93.0% in < 120 s
+Recipe:    a four-conv VGG-style net with BatchNorm (3x3 convs of 16/32/64/128 channels, each followed by BatchNorm,
+           ReLU and a 2x2 max pool; global average pool; linear head: 98,922 parameters, 4.4 MFLOP per image
+           forward), batch 256, SGD with Nesterov momentum 0.9, peak learning rate 0.3 on a one-cycle schedule
+           (cosine up from 0.03 to the peak over the first quarter, cosine down to 0), weight decay 5e-4 on the conv and
+           dense kernels, label smoothing 0.1, airbench's alternating horizontal flips, 4 epochs, and horizontal-flip
+           test-time augmentation; one evaluation, at the end, on all 10,000 test images.
+Runtime:   measured in benchmarks/README.md ("Time to accuracy"): about 2 minutes of wall time per run on the
+           2-core benchmark machine (data, compilation, 936 training steps at about 2,600 images/s, evaluation).
+Expected:  92.0% test accuracy (one seed measured while choosing the recipe: 91.96%; the 3-seed mean ± std is in
+           benchmarks/README.md). This does NOT reach the 93.0% goal of issue 8 within 120 s: the wider
+           24/48/96/192 net reaches 92.3% in 3 epochs but needs 145 s, and 93% takes more epochs than the budget
+           allows at the speed XLA's CPU convolutions run here (benchmarks/README.md says where the time goes).
+Data:      Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist), or --set data.data_dir=FOLDER.
+"""
+
+from jaxcnn.config import CheckpointConfig, Config, DataConfig, OptimConfig, ScheduleConfig, TrainConfig
+
+
+def get_config() -> Config:
+    return Config(
+        model={"name": "vgg11_bn", "stage_sizes": (1, 1, 1, 1), "stage_widths": (16, 32, 64, 128),
+               "head": "gap", "head_hidden": (), "dropout": 0.0},
+        data=DataConfig(name="fashion_mnist", batch_size=256, eval_batch_size=1000, flip="alternating", tta="flip"),
+        optim=OptimConfig(name="sgd", lr=0.3, momentum=0.9, nesterov=True, weight_decay=5e-4, label_smoothing=0.1),
+        schedule=ScheduleConfig(name="onecycle", peak_fraction=0.25, initial_lr_fraction=0.1, final_lr_fraction=0.0),
+        train=TrainConfig(epochs=4, log_every_steps=100, eval_every_epochs=0),
+        checkpoint=CheckpointConfig(every_epoch=False),
+        seed=0,
+    )
