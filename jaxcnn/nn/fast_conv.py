@@ -15,6 +15,11 @@ them, and the filter gradient of grouped and depthwise convolutions:
   convolutions into a dense convolution ``groups`` times larger. Depthwise convolutions (one input channel per
   group) get their filter gradient here as ``KH * KW`` fused multiply-reductions over ``(N, H_out, W_out)``;
   other grouped convolutions as one dense filter gradient per group.
+- **Two shapes XLA's CPU convolution handles badly** get another formulation of the same sums: dense
+  convolutions of inputs smaller than the kernel (2x2 maps under a 3x3 kernel in the last VGG stages on 32x32
+  images ran at 3 GFLOP/s) become one matrix product over explicit patches (`_conv_patches`, forward and both
+  gradients), and the forward pass of one-channel inputs (the first layer of MNIST-sized nets) becomes
+  ``KH * KW`` fused broadcast multiply-adds (`_conv_one_channel`).
 
 Shapes follow `functional.conv2d`: ``x: [N, H, W, Cin]``, ``kernel: [KH, KW, Cin / groups, Cout]`` (HWIO),
 output ``[N, H_out, W_out, Cout]``. The function composes with `jax.jit`, `jax.vmap`, `jax.grad` and
@@ -89,6 +94,41 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pa
     )
 
 
+def _conv_one_channel(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,
+                      dilation: tuple[int, int]) -> jax.Array:
+    """Forward convolution of a one-channel input (groups 1): ``sum over taps of window(x) * kernel[a, b, 0, :]``.
+
+    x: [N, H, W, 1], kernel: [KH, KW, 1, Cout] -> [N, Ho, Wo, Cout]. XLA fuses the KH * KW broadcast multiply-adds
+    into one loop, which ran 3-20x faster than its CPU convolution for the first layer of MNIST-sized nets
+    (28x28x1 -> 6..32 channels, 3x3 and 5x5 kernels; benchmarks/README.md). The result is materialised
+    (`_stored`) so that consumers read it instead of recomputing the sum.
+    """
+    n, h, w, _ = x.shape
+    kh, kw, _, _ = kernel.shape
+    (sh, sw), (dh, dw) = strides, dilation
+    ho = (h + padding[0][0] + padding[0][1] - (kh - 1) * dh - 1) // sh + 1
+    wo = (w + padding[1][0] + padding[1][1] - (kw - 1) * dw - 1) // sw + 1
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    out = None
+    for a in range(kh):
+        for b in range(kw):
+            window = lax.slice(xp, (0, a * dh, b * dw, 0), (n, a * dh + (ho - 1) * sh + 1,
+                                                           b * dw + (wo - 1) * sw + 1, 1), (1, sh, sw, 1))
+            term = window * kernel[a, b, 0]
+            out = term if out is None else out + term
+    # Materialised: left fusible, XLA recomputes the whole sum inside each consumer (the max-pool gradient read it
+    # four times per window: LeNet-5's step ran 1.7x slower).
+    return _stored(out, kernel.reshape(-1)[0])
+
+
+def _conv_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,
+                  dilation: tuple[int, int], groups: int) -> jax.Array:
+    """The forward pass: `_conv`, except one-channel inputs (`_conv_one_channel`). Gradients still use `_conv`."""
+    if groups == 1 and x.shape[3] == 1 and not _smaller_than_kernel(x.shape, kernel.shape, dilation):
+        return _conv_one_channel(x, kernel, strides, padding, dilation)
+    return _conv(x, kernel, strides, padding, dilation, groups)
+
+
 def _stored(x: jax.Array, witness: jax.Array) -> jax.Array:
     """x itself, returned through a conditional whose predicate XLA cannot evaluate at compile time.
 
@@ -150,12 +190,12 @@ def _filter_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strid
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv_fast(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,
                dilation: tuple[int, int], groups: int) -> jax.Array:
-    return _conv(x, kernel, strides, padding, dilation, groups)
+    return _conv_forward(x, kernel, strides, padding, dilation, groups)
 
 
 def _conv_fast_fwd(x, kernel, strides, padding, dilation, groups):
     x = _stored(x, kernel.reshape(-1)[0])
-    return _conv(x, kernel, strides, padding, dilation, groups), (x, kernel)
+    return _conv_forward(x, kernel, strides, padding, dilation, groups), (x, kernel)
 
 
 def _conv_fast_bwd(strides, padding, dilation, groups, residuals, dy):

@@ -98,6 +98,24 @@ def test_inputs_smaller_than_the_kernel(size, padding, strides, dilation):
     np.testing.assert_allclose(got[2], want_dk, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strides, padding, dilation, kernel", [
+    ((1, 1), ((2, 2), (2, 2)), (1, 1), (5, 5)),
+    ((1, 1), ((0, 0), (0, 0)), (1, 1), (5, 5)),
+    ((2, 1), ((1, 0), (2, 1)), (1, 2), (3, 3)),
+    ((1, 2), ((1, 1), (1, 1)), (2, 1), (3, 2)),
+])
+def test_one_channel_inputs(strides, padding, dilation, kernel):
+    """The first layer of MNIST-sized nets (one input channel) takes the fused multiply-add forward pass."""
+    x, k, weights = random_case(11, 3, 12, 11, 1, 7, *kernel, 1, strides, padding, dilation)
+    y = fast(x, k, strides, padding, dilation, 1)
+    np.testing.assert_allclose(y, np_conv2d(x, k, strides, padding, dilation, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, plain_conv(x, k, strides, padding, dilation, 1), rtol=1e-5, atol=1e-5)
+    _, dx, dk = loss_and_grads(fast, x, k, weights, strides, padding, dilation, 1)
+    want_dx, want_dk = numpy_grads(x, k, weights, strides, padding, dilation, 1)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-5)
+
+
 def test_windows_reading_only_padding_give_zeros_and_zero_gradients():
     x = jnp.ones((2, 1, 1, 3))
     k = jnp.ones((3, 3, 3, 4))
