@@ -108,17 +108,20 @@ def _conv_one_channel(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     (sh, sw), (dh, dw) = strides, dilation
     ho = (h + padding[0][0] + padding[0][1] - (kh - 1) * dh - 1) // sh + 1
     wo = (w + padding[1][0] + padding[1][1] - (kw - 1) * dw - 1) // sw + 1
-    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    dtype = jnp.result_type(x, kernel)
+    acc = jnp.promote_types(dtype, jnp.float32)  # bfloat16 / float16 products are summed in float32
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))).astype(acc)
+    weights = kernel.astype(acc)
     out = None
     for a in range(kh):
         for b in range(kw):
             window = lax.slice(xp, (0, a * dh, b * dw, 0), (n, a * dh + (ho - 1) * sh + 1,
                                                            b * dw + (wo - 1) * sw + 1, 1), (1, sh, sw, 1))
-            term = window * kernel[a, b, 0]
+            term = window * weights[a, b, 0]
             out = term if out is None else out + term
     # Materialised: left fusible, XLA recomputes the whole sum inside each consumer (the max-pool gradient read it
     # four times per window: LeNet-5's step ran 1.7x slower).
-    return _stored(out, kernel.reshape(-1)[0])
+    return _stored(out.astype(dtype), kernel.reshape(-1)[0])
 
 
 def _conv_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,

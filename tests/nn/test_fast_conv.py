@@ -210,6 +210,18 @@ def test_bfloat16_keeps_dtypes():
     np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(want_dx, np.float32), rtol=0.05, atol=0.05)
 
 
+def test_one_channel_bfloat16_sums_in_float32():
+    """bfloat16 in and out; the 25 products of a 5x5 one-channel window are summed in float32 (one rounding)."""
+    strides, padding, dilation = (1, 1), ((2, 2), (2, 2)), (1, 1)
+    x, k, _ = random_case(5, 2, 10, 10, 1, 6, 5, 5, 1, strides, padding, dilation)
+    xb, kb = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    y = fast(xb, kb, strides, padding, dilation, 1)
+    assert y.dtype == jnp.bfloat16
+    want = np_conv2d(np.asarray(xb, np.float32), np.asarray(kb, np.float32), strides, padding, dilation, 1)
+    # One bfloat16 rounding of the exact sum: relative error <= 2^-8.
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2 ** -8, atol=1e-6)
+
+
 def test_nan_inputs_propagate():
     x = jnp.ones((1, 4, 4, 2)).at[0, 1, 1, 0].set(jnp.nan)
     k = jnp.ones((3, 3, 2, 2))
