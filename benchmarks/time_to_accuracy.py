@@ -73,6 +73,8 @@ def run_torch(cfg: Any, seed: int) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from jaxcnn.data.dataset import dataset_info, load_split
+    from jaxcnn.data.pipeline import epoch_permutation
+    from jaxcnn.train.loop import total_steps_of
     from jaxcnn.train.optim import lr_at, make_schedule
     from torch_models import VGG
 
@@ -103,7 +105,7 @@ def run_torch(cfg: Any, seed: int) -> dict[str, Any]:
                           lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     batch = cfg.data.batch_size
     steps_per_epoch = len(y_train) // batch
-    total = int(cfg.train.steps) if cfg.train.steps is not None else max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    total = total_steps_of(cfg, steps_per_epoch)  # as `jaxcnn train` counts them
     schedule = make_schedule(o.lr, cfg.schedule, steps_per_epoch=steps_per_epoch, total_steps=total)
     rng = np.random.default_rng(seed)
     flip_bit = torch.from_numpy(rng.integers(0, 2, len(y_train)).astype(bool))
@@ -115,7 +117,7 @@ def run_torch(cfg: Any, seed: int) -> dict[str, Any]:
     t_train = time.perf_counter()
     while step < total:
         epoch = step // steps_per_epoch
-        order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(y_train)))
+        order = torch.from_numpy(epoch_permutation(seed, epoch, len(y_train)))  # jaxcnn's order of examples
         for i in range(steps_per_epoch):
             if step >= total:
                 break

@@ -45,9 +45,23 @@ def _smaller_than_kernel(x_shape: Sequence[int], kernel_shape: Sequence[int], di
     return x_shape[1] < (kh - 1) * dilation[0] + 1 or x_shape[2] < (kw - 1) * dilation[1] + 1
 
 
+def _out_size(size: int, pad: tuple[int, int], k: int, stride: int, dil: int) -> int:
+    """Output length along one axis: floor((size + pads - dilated kernel) / stride) + 1."""
+    return (size + pad[0] + pad[1] - (k - 1) * dil - 1) // stride + 1
+
+
+def _window(xp: jax.Array, a: int, b: int, out_hw: tuple[int, int], strides: tuple[int, int],
+            dilation: tuple[int, int]) -> jax.Array:
+    """The input values kernel tap (a, b) meets: xp (padded) [N, Hp, Wp, C] -> [N, Ho, Wo, C]."""
+    (ho, wo), (sh, sw), (dh, dw) = out_hw, strides, dilation
+    n, _, _, c = xp.shape
+    return lax.slice(xp, (0, a * dh, b * dw, 0), (n, a * dh + (ho - 1) * sh + 1, b * dw + (wo - 1) * sw + 1, c),
+                     (1, sh, sw, 1))
+
+
 def _taps(size: int, pad: tuple[int, int], k: int, stride: int, dil: int) -> tuple[int, list[int]]:
     """(output size, the kernel offsets along one axis whose window rows touch the input, not only padding)."""
-    out = (size + pad[0] + pad[1] - (k - 1) * dil - 1) // stride + 1
+    out = _out_size(size, pad, k, stride, dil)
     live = [a for a in range(k) if any(pad[0] <= a * dil + i * stride < pad[0] + size for i in range(out))]
     return out, live
 
@@ -61,17 +75,15 @@ def _conv_patches(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pad
     T counts the kernel taps whose windows touch the input; taps that only ever read zero padding add nothing and
     are left out. The patches are small because the maps are.
     """
-    n, h, w, cin = x.shape
-    _, _, _, cout = kernel.shape
-    (sh, sw), (dh, dw) = strides, dilation
-    ho, rows = _taps(h, padding[0], kernel.shape[0], sh, dh)
-    wo, cols = _taps(w, padding[1], kernel.shape[1], sw, dw)
+    n, h, w, _ = x.shape
+    cout = kernel.shape[3]
+    ho, rows = _taps(h, padding[0], kernel.shape[0], strides[0], dilation[0])
+    wo, cols = _taps(w, padding[1], kernel.shape[1], strides[1], dilation[1])
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     patches, weights = [], []
     for a in rows:
         for b in cols:
-            patches.append(lax.slice(xp, (0, a * dh, b * dw, 0), (n, a * dh + (ho - 1) * sh + 1,
-                                                                 b * dw + (wo - 1) * sw + 1, cin), (1, sh, sw, 1)))
+            patches.append(_window(xp, a, b, (ho, wo), strides, dilation))
             weights.append(kernel[a, b])
     if not patches:  # every window reads padding only
         return jnp.zeros((n, ho, wo, cout), jnp.result_type(x, kernel))
@@ -103,11 +115,10 @@ def _conv_one_channel(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     (28x28x1 -> 6..32 channels, 3x3 and 5x5 kernels; benchmarks/README.md). The result is materialised
     (`_stored`) so that consumers read it instead of recomputing the sum.
     """
-    n, h, w, _ = x.shape
+    _, h, w, _ = x.shape
     kh, kw, _, _ = kernel.shape
-    (sh, sw), (dh, dw) = strides, dilation
-    ho = (h + padding[0][0] + padding[0][1] - (kh - 1) * dh - 1) // sh + 1
-    wo = (w + padding[1][0] + padding[1][1] - (kw - 1) * dw - 1) // sw + 1
+    out_hw = (_out_size(h, padding[0], kh, strides[0], dilation[0]),
+              _out_size(w, padding[1], kw, strides[1], dilation[1]))
     dtype = jnp.result_type(x, kernel)
     acc = jnp.promote_types(dtype, jnp.float32)  # bfloat16 / float16 products are summed in float32
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))).astype(acc)
@@ -115,9 +126,7 @@ def _conv_one_channel(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     out = None
     for a in range(kh):
         for b in range(kw):
-            window = lax.slice(xp, (0, a * dh, b * dw, 0), (n, a * dh + (ho - 1) * sh + 1,
-                                                           b * dw + (wo - 1) * sw + 1, 1), (1, sh, sw, 1))
-            term = window * weights[a, b, 0]
+            term = _window(xp, a, b, out_hw, strides, dilation) * weights[a, b, 0]
             out = term if out is None else out + term
     # Materialised: left fusible, XLA recomputes the whole sum inside each consumer (the max-pool gradient read it
     # four times per window: LeNet-5's step ran 1.7x slower).
@@ -155,16 +164,12 @@ def _depthwise_filter_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[i
     n, _, _, cin = x.shape
     _, ho, wo, _ = dy.shape
     m = cout // cin
-    (sh, sw), (dh, dw) = strides, dilation
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     dy = dy.reshape(n, ho, wo, cin, m)
     taps = []
     for a in range(kh):
         for b in range(kw):
-            window = lax.slice(
-                xp, (0, a * dh, b * dw, 0), (n, a * dh + (ho - 1) * sh + 1, b * dw + (wo - 1) * sw + 1, cin),
-                (1, sh, sw, 1),
-            )
+            window = _window(xp, a, b, (ho, wo), strides, dilation)
             taps.append(jnp.sum(window[..., None] * dy, axis=(0, 1, 2), dtype=jnp.float32))  # [Cin, m]
     return jnp.stack(taps).reshape(kh, kw, 1, cout).astype(x.dtype)
 
