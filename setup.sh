@@ -10,21 +10,34 @@ PYTHON="${PYTHON:-python3}"
 extras=""
 if [ "${1:-}" = "--tests" ]; then extras="[test,tf]"; fi
 
+# apt_install PKG...: Debian packages, as root or with sudo; returns 1 when apt is not usable here.
+apt_install() {
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q "$@" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$@" >/dev/null; }
+  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then
+    sudo apt-get update -q >/dev/null && sudo apt-get install -y -q "$@" >/dev/null
+  else
+    return 1
+  fi
+}
+
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "setup: installing Debian's dataset-fashion-mnist (Fashion-MNIST into $FMNIST)"
-    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-      || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }
-  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then
-    echo "setup: installing Debian's dataset-fashion-mnist with sudo"
-    sudo apt-get update -q >/dev/null && sudo apt-get install -y -q dataset-fashion-mnist >/dev/null
-  else
+  echo "setup: installing Debian's dataset-fashion-mnist (Fashion-MNIST into $FMNIST)"
+  if ! apt_install dataset-fashion-mnist; then
     echo "setup: Fashion-MNIST is not in $FMNIST and apt-get is not usable here." >&2
     echo "       Either install the Debian package dataset-fashion-mnist, or download the four official files" >&2
     echo "       (train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz" >&2
     echo "       t10k-labels-idx1-ubyte.gz) from https://github.com/zalandoresearch/fashion-mnist into a folder" >&2
     echo "       and train with --set data.data_dir=FOLDER (or export JAXCNN_DATA_DIR=FOLDER)." >&2
+  fi
+fi
+
+# jaxcnn.nn.onednn compiles its CPU convolution kernels (oneDNN through XLA FFI) on first use: g++ and oneDNN.
+if ! command -v g++ >/dev/null 2>&1 || [ ! -f /usr/include/oneapi/dnnl/dnnl.hpp ]; then
+  echo "setup: installing g++ and Debian's libdnnl-dev (oneDNN, for the fast CPU convolutions)"
+  if ! apt_install g++ libdnnl-dev; then
+    echo "setup: could not install g++ / libdnnl-dev: jaxcnn will use XLA's CPU convolutions (2-10x slower)." >&2
   fi
 fi
 

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxcnn.nn import onednn
+
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Pairs = tuple[tuple[int, int], tuple[int, int]]
 
@@ -234,7 +236,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding
     strides = (int(strides[0]), int(strides[1]))
     dilation = (int(dilation[0]), int(dilation[1]))
     padding = ((int(padding[0][0]), int(padding[0][1])), (int(padding[1][0]), int(padding[1][1])))
-    return _conv_fast(x, kernel, strides, padding, dilation, int(groups))
+    groups = int(groups)
+    if x.ndim == 4 and kernel.ndim == 4:
+        n, h, w, _ = x.shape
+        kh, kw, _, cout = kernel.shape
+        y_shape = (n, _out_size(h, padding[0], kh, strides[0], dilation[0]),
+                   _out_size(w, padding[1], kw, strides[1], dilation[1]), cout)
+        geometry = onednn.Geometry(tuple(x.shape), tuple(kernel.shape), y_shape, strides, padding, dilation, groups)
+        if onednn.usable(geometry, x.dtype, kernel.dtype):
+            return onednn.conv2d(x, kernel, geometry)
+    return _conv_fast(x, kernel, strides, padding, dilation, groups)
 
 
 __all__ = ["DIMENSION_NUMBERS", "conv2d"]

@@ -1,6 +1,7 @@
 """jaxcnn.nn.fast_conv: the same outputs and gradients as the plain XLA convolution and as NumPy loops.
 
-The fast path (hand-written VJP) must agree with `lax.conv_general_dilated` and its automatic derivatives to
+Each test runs twice (the `backend` fixture): with float32 convolutions run by oneDNN (jaxcnn.nn.onednn, the CPU
+default) and with XLA's convolutions behind the hand-written VJP (JAXCNN_ONEDNN=0). The fast path must agree with `lax.conv_general_dilated` and its automatic derivatives to
 float32 tolerance for every stride, padding, dilation and group count, under jit, vmap and second derivatives;
 a few cases are also checked against from-scratch NumPy loops (tests/reference_numpy.py).
 """
@@ -15,10 +16,23 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxcnn.nn import fast_conv, functional
+from jaxcnn.nn import fast_conv, functional, onednn
 from reference_numpy import np_conv2d, pad
 
 DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(autouse=True, params=["onednn", "xla"])
+def backend(request, monkeypatch):
+    """Every test runs twice: float32 convolutions through oneDNN (the CPU default), and through XLA's kernels
+    with the hand-written VJP (JAXCNN_ONEDNN=0; also what runs for other dtypes and on GPU)."""
+    if request.param == "onednn":
+        if not onednn.available():
+            pytest.skip("oneDNN library unavailable (tests/nn/test_onednn.py says why)")
+        monkeypatch.setenv("JAXCNN_ONEDNN", "1")
+    else:
+        monkeypatch.setenv("JAXCNN_ONEDNN", "0")
+    return request.param
 
 
 def plain_conv(x, k, strides, padding, dilation, groups):
@@ -162,11 +176,14 @@ def test_against_numpy_loops(grouping, strides, padding, dilation):
     np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-5)
 
 
-def test_functional_conv2d_takes_the_fast_path():
+def test_functional_conv2d_takes_the_fast_path(backend):
     x = jnp.ones((1, 5, 5, 2))
     k = jnp.ones((3, 3, 2, 3))
     jaxpr = str(jax.make_jaxpr(lambda x, k: functional.conv2d(x, k, padding="same"))(x, k))
-    assert "custom_vjp_call" in jaxpr
+    if backend == "onednn":
+        assert "jaxcnn_onednn_conv" in jaxpr and "custom_vjp_call" not in jaxpr
+    else:
+        assert "custom_vjp_call" in jaxpr and "jaxcnn_onednn_conv" not in jaxpr
 
 
 def test_jit_and_vmap():

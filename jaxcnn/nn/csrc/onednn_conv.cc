@@ -1,0 +1,198 @@
+// 2-D float32 convolutions for XLA's CPU backend, run by oneDNN (the library PyTorch's CPU convolutions use).
+//
+// Three XLA FFI handlers, one per convolution of a training step, all NHWC activations and HWIO kernels (the
+// layouts jaxcnn uses, so nothing is transposed on the way in or out):
+//   JaxcnnConvFwd        (x [N,H,W,Cin], w [KH,KW,Cin/G,Cout])    -> y  [N,Ho,Wo,Cout]
+//   JaxcnnConvBwdData    (dy [N,Ho,Wo,Cout], w [KH,KW,Cin/G,Cout]) -> dx [N,H,W,Cin]
+//   JaxcnnConvBwdWeights (x [N,H,W,Cin], dy [N,Ho,Wo,Cout])        -> dw [KH,KW,Cin/G,Cout]
+// Each takes one int64 attribute "params" = [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right,
+// dilation_h, dilation_w, groups] (dilation 1 = dense kernel, JAX's convention).
+//
+// oneDNN primitives are built once per geometry and kept in a process-wide cache (building one costs about a
+// millisecond; running one costs less than that for small layers). Kernels are passed in HWIO and reordered
+// into the blocked layout oneDNN's JIT kernels want on every call (a few hundred KB at most); the filter gradient
+// is reordered back to HWIO.
+//
+// JaxcnnConvImpl(op, dims, error, error_len) builds (and caches) the primitive for a geometry and returns the
+// name of the implementation oneDNN picked, or nullptr with a message in `error`; jaxcnn calls it while tracing
+// and keeps XLA's convolution for geometries oneDNN would run with its slow reference implementation.
+
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+enum Op : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+struct Geometry {
+  int64_t n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups;
+
+  std::vector<int64_t> Key(Op op) const {
+    return {op, n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups};
+  }
+  memory::desc Src() const { return memory::desc({n, cin, h, w}, dt::f32, tag::nhwc); }
+  memory::desc Dst() const { return memory::desc({n, cout, ho, wo}, dt::f32, tag::nhwc); }
+  memory::desc Weights(tag t) const {
+    if (groups == 1) return memory::desc({cout, cin, kh, kw}, dt::f32, t == tag::any ? tag::any : tag::hwio);
+    return memory::desc({groups, cout / groups, cin / groups, kh, kw}, dt::f32, t == tag::any ? tag::any : tag::hwigo);
+  }
+  memory::desc UserWeights() const { return Weights(tag::hwio); }
+  memory::desc AnyWeights() const { return Weights(tag::any); }
+  memory::dims Strides() const { return {sh, sw}; }
+  memory::dims Dilates() const { return {dh - 1, dw - 1}; }  // oneDNN counts the gaps, JAX the step
+  memory::dims PadL() const { return {pt, pl}; }
+  memory::dims PadR() const { return {pb, pr}; }
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+struct Entry {
+  dnnl::primitive primitive;
+  memory::desc weights;        // the kernel layout the primitive reads (or writes, for the filter gradient)
+  bool reorder = false;        // whether that layout differs from HWIO
+  dnnl::reorder to_primitive;  // HWIO -> primitive layout (forward, input gradient)
+  dnnl::reorder to_user;       // primitive layout -> HWIO (filter gradient)
+  std::string impl;
+};
+
+std::mutex cache_mutex;
+std::map<std::vector<int64_t>, std::shared_ptr<Entry>> cache;
+
+std::shared_ptr<Entry> Build(const Geometry& g, Op op) {
+  auto e = std::make_shared<Entry>();
+  dnnl::convolution_forward::desc fwd_desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+                                           g.Src(), g.AnyWeights(), g.Dst(), g.Strides(), g.Dilates(), g.PadL(),
+                                           g.PadR());
+  dnnl::convolution_forward::primitive_desc fwd(fwd_desc, Engine());
+  if (op == kForward) {
+    e->primitive = dnnl::convolution_forward(fwd);
+    e->weights = fwd.weights_desc();
+    e->impl = fwd.impl_info_str();
+  } else if (op == kBackwardData) {
+    dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
+                                            g.Strides(), g.Dilates(), g.PadL(), g.PadR());
+    dnnl::convolution_backward_data::primitive_desc pd(d, Engine(), fwd);
+    e->primitive = dnnl::convolution_backward_data(pd);
+    e->weights = pd.weights_desc();
+    e->impl = pd.impl_info_str();
+  } else {
+    dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(),
+                                               g.Dst(), g.Strides(), g.Dilates(), g.PadL(), g.PadR());
+    dnnl::convolution_backward_weights::primitive_desc pd(d, Engine(), fwd);
+    e->primitive = dnnl::convolution_backward_weights(pd);
+    e->weights = pd.diff_weights_desc();
+    e->impl = pd.impl_info_str();
+  }
+  memory::desc user = g.UserWeights();
+  e->reorder = e->weights != user;
+  if (e->reorder) {
+    if (op == kBackwardWeights) {
+      e->to_user = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), e->weights, Engine(), user));
+    } else {
+      e->to_primitive = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user, Engine(), e->weights));
+    }
+  }
+  return e;
+}
+
+std::shared_ptr<Entry> Get(const Geometry& g, Op op) {
+  auto key = g.Key(op);
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  auto e = Build(g, op);
+  cache.emplace(std::move(key), e);
+  return e;
+}
+
+Geometry FromShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
+                    ffi::Span<const int64_t> p) {
+  return Geometry{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2],
+                  p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]};
+}
+
+// x / dx, w / dw, y / dy as the op reads or writes them.
+ffi::Error Run(const Geometry& g, Op op, float* x, float* w, float* y) {
+  try {
+    auto e = Get(g, op);
+    dnnl::stream stream(Engine());
+    memory user_w(g.UserWeights(), Engine(), w);
+    memory prim_w = e->reorder ? memory(e->weights, Engine()) : user_w;
+    if (e->reorder && op != kBackwardWeights) e->to_primitive.execute(stream, user_w, prim_w);
+    memory src(g.Src(), Engine(), x), dst(g.Dst(), Engine(), y);
+    if (op == kForward) {
+      e->primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DST, dst}});
+    } else if (op == kBackwardData) {
+      e->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst}});
+    } else {
+      e->primitive.execute(stream,
+                           {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst}});
+      if (e->reorder) e->to_user.execute(stream, prim_w, user_w);
+    }
+    stream.wait();
+  } catch (const std::exception& err) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxcnn oneDNN convolution failed: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                   ffi::Span<const int64_t> params) {
+  Geometry g = FromShapes(x.dimensions(), w.dimensions(), y->dimensions(), params);
+  return Run(g, kForward, x.typed_data(), w.typed_data(), y->typed_data());
+}
+
+ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
+                        ffi::Span<const int64_t> params) {
+  Geometry g = FromShapes(dx->dimensions(), w.dimensions(), dy.dimensions(), params);
+  return Run(g, kBackwardData, dx->typed_data(), w.typed_data(), dy.typed_data());
+}
+
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                           ffi::Span<const int64_t> params) {
+  Geometry g = FromShapes(x.dimensions(), dw->dimensions(), dy.dimensions(), params);
+  return Run(g, kBackwardWeights, x.typed_data(), dw->typed_data(), dy.typed_data());
+}
+
+}  // namespace
+
+#define JAXCNN_BILINEAR_BINDING                  \
+  ffi::Ffi::Bind()                               \
+      .Arg<ffi::Buffer<ffi::F32>>()              \
+      .Arg<ffi::Buffer<ffi::F32>>()              \
+      .Ret<ffi::Buffer<ffi::F32>>()              \
+      .Attr<ffi::Span<const int64_t>>("params")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnConvFwd, Forward, JAXCNN_BILINEAR_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnConvBwdData, BackwardData, JAXCNN_BILINEAR_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnConvBwdWeights, BackwardWeights, JAXCNN_BILINEAR_BINDING);
+
+// dims = [n, h, w, cin, kh, kw, cout, ho, wo, stride_h, stride_w, pad_t, pad_b, pad_l, pad_r, dil_h, dil_w, groups]
+extern "C" const char* JaxcnnConvImpl(int64_t op, const int64_t* d, char* error, int64_t error_len) {
+  Geometry g{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15],
+             d[16], d[17]};
+  try {
+    return Get(g, static_cast<Op>(op))->impl.c_str();  // cache entries live as long as the process
+  } catch (const std::exception& err) {
+    std::strncpy(error, err.what(), static_cast<size_t>(error_len - 1));
+    error[error_len - 1] = '\0';
+    return nullptr;
+  }
+}

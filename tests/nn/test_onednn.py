@@ -1,0 +1,168 @@
+"""jaxcnn.nn.onednn: float32 CPU convolutions run by oneDNN through XLA FFI custom calls.
+
+Outputs and first derivatives are checked against NumPy loops and lax.conv for every geometry in
+tests/nn/test_fast_conv.py (which runs each test with and without oneDNN). Here: that the library builds and is the
+default on the CPU, which convolutions it takes, higher-order derivatives (the primitive's bilinear transpose
+rules), eager calls, vmap, lowering for GPU (no custom call), and the fallbacks (JAXCNN_ONEDNN=0, no compiler).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxcnn.nn import fast_conv, onednn
+from reference_numpy import np_conv2d
+
+DN = ("NHWC", "HWIO", "NHWC")
+PAD1 = ((1, 1), (1, 1))
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN library unavailable "
+                                  "(test_library_builds_and_is_the_cpu_default says why)")
+
+
+def plain(x, k, strides=(1, 1), padding=PAD1, dilation=(1, 1), groups=1):
+    return lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=DN,
+                                    feature_group_count=groups)
+
+
+def fast(x, k, strides=(1, 1), padding=PAD1, dilation=(1, 1), groups=1):
+    return fast_conv.conv2d(x, k, strides=strides, padding=padding, dilation=dilation, groups=groups)
+
+
+def case(seed, x_shape, k_shape):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.standard_normal(x_shape), jnp.float32),
+            jnp.asarray(rng.standard_normal(k_shape) * 0.3, jnp.float32))
+
+
+def uses_onednn(fn, *args) -> bool:
+    """Whether tracing fn now binds the oneDNN primitive (a fresh function: JAX caches traces per function)."""
+    return "jaxcnn_onednn_conv" in str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+
+
+def test_library_builds_and_is_the_cpu_default():
+    assert onednn.enabled(), "JAXCNN_ONEDNN is set to 0 in this environment"
+    assert onednn.available(), ("the oneDNN convolution library did not build: install a C++ compiler and "
+                                "oneDNN's headers (apt-get install g++ libdnnl-dev); ./setup.sh does this")
+    x, k = case(0, (2, 8, 8, 4), (3, 3, 4, 5))
+    assert uses_onednn(fast, x, k)
+
+
+@needs_onednn
+@pytest.mark.parametrize("hw, cin, cout, stride", [(32, 3, 16, 1), (32, 16, 16, 1), (32, 16, 32, 2),
+                                                   (16, 32, 32, 1), (8, 64, 64, 1), (28, 1, 6, 1)])
+def test_resnet20_and_lenet_layers_get_jit_kernels(hw, cin, cout, stride):
+    """oneDNN's JIT kernels, not its reference loops (which would be slower than XLA), for common CNN layers."""
+    out = (hw + 2 - 3) // stride + 1
+    geometry = onednn.Geometry((128, hw, hw, cin), (3, 3, cin, cout), (128, out, out, cout), (stride, stride),
+                               PAD1, (1, 1), 1)
+    impls = onednn.implementations(geometry)
+    assert set(impls) == {"forward", "backward_data", "backward_weights"}
+    assert not any(name.startswith("ref") for name in impls.values()), impls
+    assert onednn.usable(geometry, jnp.float32, jnp.float32)
+
+
+@needs_onednn
+def test_only_float32_goes_to_onednn():
+    x, k = case(1, (2, 8, 8, 4), (3, 3, 4, 5))
+    assert uses_onednn(fast, x, k)
+    assert not uses_onednn(fast, x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+    assert not uses_onednn(fast, x.astype(jnp.float16), k.astype(jnp.float16))
+
+
+@needs_onednn
+@pytest.mark.parametrize("strides, padding, dilation, groups, cin, cout", [
+    ((1, 1), PAD1, (1, 1), 1, 4, 5),
+    ((2, 1), ((0, 2), (1, 0)), (1, 2), 1, 3, 4),
+    ((1, 1), PAD1, (1, 1), 2, 4, 6),
+    ((1, 1), PAD1, (1, 1), 4, 4, 4),
+])
+def test_second_and_mixed_derivatives_match_xla(strides, padding, dilation, groups, cin, cout):
+    """Forward-over-reverse (Hessian) and reverse-over-reverse: the transposes of the three ops are each other."""
+    x, k = case(2, (2, 6, 5, cin), (3, 3, cin // groups, cout))
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(jnp.tanh(conv(x, k, strides, padding, dilation, groups)) ** 2)
+
+    assert uses_onednn(loss(fast), x, k)
+    hess_k = jax.hessian(loss(fast), argnums=1)(x, k)
+    np.testing.assert_allclose(hess_k, jax.hessian(loss(plain), argnums=1)(x, k), rtol=1e-4, atol=1e-4)
+
+    def grad_norm(conv):  # reverse over reverse, through both gradients
+        return lambda x, k: sum(jnp.sum(g ** 2) for g in jax.grad(loss(conv), (0, 1))(x, k))
+
+    got = jax.grad(grad_norm(fast), (0, 1))(x, k)
+    want = jax.grad(grad_norm(plain), (0, 1))(x, k)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_eager_jit_and_numpy_agree():
+    x, k = case(3, (3, 10, 9, 6), (3, 3, 6, 7))
+    want = np_conv2d(x, k, (2, 2), ((1, 0), (2, 1)), (1, 1), 1)
+    eager = fast(x, k, (2, 2), ((1, 0), (2, 1)))
+    jitted = jax.jit(lambda x, k: fast(x, k, (2, 2), ((1, 0), (2, 1))))(x, k)
+    np.testing.assert_allclose(eager, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jitted, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_vmap_over_kernels_and_inputs():
+    x, k = case(4, (2, 7, 7, 3), (3, 3, 3, 4))
+    xs, ks = jnp.stack([x, -2 * x]), jnp.stack([k, 0.5 * k])
+    got = jax.vmap(fast)(xs, ks)
+    want = jnp.stack([plain(x, k), plain(-2 * x, 0.5 * k)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    grads = jax.vmap(jax.grad(lambda x, k: jnp.sum(fast(x, k) ** 2), (0, 1)))(xs, ks)
+    want_grads = jax.vmap(jax.grad(lambda x, k: jnp.sum(plain(x, k) ** 2), (0, 1)))(xs, ks)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_gpu_lowering_is_xla_convolution():
+    """On GPU the primitive lowers to XLA's convolution: no CPU custom call reaches the GPU compiler."""
+    x, k = case(5, (2, 8, 8, 4), (3, 3, 4, 5))
+    step = jax.jit(jax.grad(lambda x, k: jnp.sum(fast(x, k) ** 2), (0, 1)))
+    cuda = jax.export.export(step, platforms=["cuda"])(x, k).mlir_module()
+    assert "jaxcnn_onednn" not in cuda and "stablehlo.convolution" in cuda
+    assert "jaxcnn_onednn_conv_bwd_weights" in step.lower(x, k).as_text()  # and the CPU uses oneDNN
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("JAXCNN_ONEDNN", "0")
+    x, k = case(6, (2, 8, 8, 4), (3, 3, 4, 5))
+    assert not onednn.available()
+    assert not uses_onednn(fast, x, k)
+    np.testing.assert_allclose(fast(x, k), plain(x, k), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
+    """No C++ compiler: one warning naming the fix, then XLA's convolutions; nothing else changes."""
+    monkeypatch.setenv("JAXCNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    onednn._library.cache_clear()
+    onednn.implementations.cache_clear()
+    try:
+        x, k = case(7, (2, 8, 8, 4), (3, 3, 4, 5))
+        with pytest.warns(RuntimeWarning, match="apt-get install g\\+\\+ libdnnl-dev"):
+            assert not onednn.available()
+        assert not uses_onednn(fast, x, k)
+        np.testing.assert_allclose(fast(x, k), plain(x, k), rtol=1e-5, atol=1e-5)
+        assert not list(tmp_path.glob("*.so"))
+    finally:
+        monkeypatch.undo()
+        onednn._library.cache_clear()
+        onednn.implementations.cache_clear()
+
+
+def test_geometry_params_layout():
+    geometry = onednn.Geometry((2, 9, 8, 4), (3, 2, 2, 6), (2, 4, 9, 6), (2, 1), ((1, 0), (2, 1)), (1, 2), 2)
+    assert geometry.params().tolist() == [2, 1, 1, 0, 2, 1, 1, 2, 2]
+    assert geometry.dims().tolist()[:9] == [2, 9, 8, 4, 3, 2, 6, 4, 9]
+    assert geometry.out_shape("backward_weights") == (3, 2, 2, 6)
