@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from jaxcnn.analysis.receptive_field import receptive_field_of_layers
 from jaxcnn.nn import functional as F
-from jaxcnn.nn import layers
+from jaxcnn.nn import layers, onednn
 
 Pair = tuple[int, int]
 
@@ -183,7 +183,8 @@ def flops_from_cost_analysis(analysis: Any) -> float | None:
 def _xla_flops(forward: Any, *abstract_args: Any) -> float | None:
     """XLA's FLOP count of `forward` compiled (not run) for the given abstract arguments."""
     try:
-        analysis = jax.jit(forward).lower(*abstract_args).compile().cost_analysis()
+        with onednn.xla_convolutions():  # XLA's cost analysis counts nothing inside oneDNN's custom calls
+            analysis = jax.jit(forward).lower(*abstract_args).compile().cost_analysis()
     except Exception:  # noqa: BLE001  (a backend without cost analysis: the table is still useful without it)
         return None
     return flops_from_cost_analysis(analysis)

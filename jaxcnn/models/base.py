@@ -47,6 +47,8 @@ class ClassifierBase(nn.Module):
       bn_axis_name: average the BatchNorm statistics over this pmap/shard_map axis (set by those strategies).
       bn_virtual_batch_size: ghost BatchNorm over slices of this many examples.
       norm_groups: the most groups GroupNorm uses (the largest divisor of the channels not above it).
+      conv_init: the convolution kernels' initializer by name (`jaxcnn.nn.layers.KERNEL_INITS`): 'he_normal'
+        (default), 'he_uniform', 'lecun_normal' or 'torch' (PyTorch's default, U(+-1/sqrt(fan_in))).
     """
 
     num_classes: int = 10
@@ -60,6 +62,7 @@ class ClassifierBase(nn.Module):
     bn_axis_name: str | None = None
     bn_virtual_batch_size: int | None = None
     norm_groups: int = 32
+    conv_init: layers.KernelInit = "he_normal"
 
     def __post_init__(self) -> None:
         self.check_knobs()
@@ -84,6 +87,8 @@ class ClassifierBase(nn.Module):
             self._fail(f"bn_virtual_batch_size={self.bn_virtual_batch_size} must be at least 1 (or None)")
         if self.norm_groups < 1:
             self._fail(f"norm_groups={self.norm_groups} must be at least 1")
+        if self.conv_init not in layers.KERNEL_INITS:
+            self._fail(f"conv_init={self.conv_init!r} is not one of {', '.join(layers.KERNEL_INITS)}")
         for knob in ("width", "kernel_size", "head_pool_size"):
             value = getattr(self, knob, None)
             if value is not None and value <= 0:
@@ -108,7 +113,7 @@ class ClassifierBase(nn.Module):
     def conv_def(self, **overrides: Any) -> ModuleDef:
         """`layers.Conv2d` with this model's dtypes; a bias only when there is no norm after it."""
         kwargs = {"use_bias": self.norm == "none", "dtype": self.compute_dtype,
-                  "param_dtype": jnp.dtype(self.param_dtype)}
+                  "param_dtype": jnp.dtype(self.param_dtype), "kernel_init": layers.kernel_init(self.conv_init)}
         return functools.partial(layers.Conv2d, **{**kwargs, **overrides})
 
     def dense_def(self) -> ModuleDef:

@@ -242,7 +242,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding
         kh, kw, _, cout = kernel.shape
         y_shape = (n, _out_size(h, padding[0], kh, strides[0], dilation[0]),
                    _out_size(w, padding[1], kw, strides[1], dilation[1]), cout)
-        geometry = onednn.Geometry(tuple(x.shape), tuple(kernel.shape), y_shape, strides, padding, dilation, groups)
+        geometry = onednn.Geometry(tuple(x.shape), tuple(kernel.shape), y_shape, strides, padding, dilation, groups,
+                                   onednn.threads_per_device())
         if onednn.usable(geometry, x.dtype, kernel.dtype):
             return onednn.conv2d(x, kernel, geometry)
     return _conv_fast(x, kernel, strides, padding, dilation, groups)

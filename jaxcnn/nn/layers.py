@@ -30,6 +30,24 @@ Dropout = nn.Dropout
 # ResNets use fan-out normal; the difference does not matter at these depths, and fan-in is what flax examples use.)
 default_kernel_init: Initializer = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
+KernelInit = Literal["he_normal", "he_uniform", "lecun_normal", "torch"]
+KERNEL_INITS: dict[str, Initializer] = {
+    "he_normal": default_kernel_init,
+    "he_uniform": nn.initializers.variance_scaling(2.0, "fan_in", "uniform"),
+    "lecun_normal": nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+    # PyTorch's Conv2d default, kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), variance
+    # 1 / (3 fan_in), six times smaller than He. Under BatchNorm the scale does not change the function, but small
+    # weights take larger effective steps early in training.
+    "torch": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+}
+
+
+def kernel_init(name: str) -> Initializer:
+    """A convolution kernel initializer by name (`KERNEL_INITS`); fan_in counts KH * KW * Cin / groups."""
+    if name not in KERNEL_INITS:
+        raise ValueError(f"unknown kernel init {name!r}; known: {', '.join(KERNEL_INITS)}")
+    return KERNEL_INITS[name]
+
 
 def _layer_label(module: nn.Module) -> str:
     """'Conv2d at Stage1/Conv2d_0' style name of a module for error messages."""
@@ -387,5 +405,8 @@ __all__ = [
     "Pool2d",
     "activation",
     "default_kernel_init",
+    "KERNEL_INITS",
+    "KernelInit",
+    "kernel_init",
     "make_norm",
 ]

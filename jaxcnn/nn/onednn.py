@@ -14,7 +14,9 @@ lowers to ``lax.conv_general_dilated`` and its autodiff transposes, i.e. exactly
 
 `usable` decides at trace time: float32 operands, the library built, and oneDNN has a JIT kernel (not its slow
 reference code) for all three convolutions of the geometry. Otherwise `jaxcnn.nn.fast_conv` keeps XLA's
-convolutions. ``JAXCNN_ONEDNN=0`` turns this module off (to compare against XLA's kernels); when the library
+convolutions. ``JAXCNN_ONEDNN=0`` turns this module off (to compare against XLA's kernels), and so does the
+`xla_convolutions()` context for what is traced inside it (XLA's cost analysis does not see into custom calls, and
+`jax.export` refuses them). Functions already traced keep their path. When the library
 cannot be built, one warning says why and what to install (``apt-get install g++ libdnnl-dev``).
 
 Shapes: ``x [N, H, W, Cin]``, ``w [KH, KW, Cin / groups, Cout]`` (HWIO), ``y [N, Ho, Wo, Cout]``.
@@ -22,6 +24,8 @@ Shapes: ``x [N, H, W, Cin]``, ``w [KH, KW, Cin / groups, Cout]`` (HWIO), ``y [N,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import dataclasses
 import functools
@@ -32,6 +36,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -60,11 +65,12 @@ class Geometry:
     padding: tuple[tuple[int, int], tuple[int, int]]
     dilation: tuple[int, int]
     groups: int
+    threads: int = 0  # OpenMP threads oneDNN may use; 0 = all cores (see `threads_per_device`)
 
     def params(self) -> np.ndarray:
-        """The FFI attribute: [sh, sw, pad_t, pad_b, pad_l, pad_r, dil_h, dil_w, groups] as int64."""
+        """The FFI attribute: [sh, sw, pad_t, pad_b, pad_l, pad_r, dil_h, dil_w, groups, threads] as int64."""
         (pt, pb), (pl, pr) = self.padding
-        return np.array([*self.strides, pt, pb, pl, pr, *self.dilation, self.groups], np.int64)
+        return np.array([*self.strides, pt, pb, pl, pr, *self.dilation, self.groups, self.threads], np.int64)
 
     def dims(self) -> np.ndarray:
         """JaxcnnConvImpl's layout: [n, h, w, cin, kh, kw, cout, ho, wo, *params]."""
@@ -75,6 +81,20 @@ class Geometry:
 
     def out_shape(self, op: str) -> tuple[int, ...]:
         return {FORWARD: self.y_shape, BACKWARD_DATA: self.x_shape, BACKWARD_WEIGHTS: self.kernel_shape}[op]
+
+
+def threads_per_device() -> int:
+    """OpenMP threads for one convolution: 0 (all cores) with one CPU device, else cores // CPU devices (at least 1).
+
+    XLA runs the computations of all local CPU devices at once (pmap, shard_map and sharded jit over
+    ``--xla_force_host_platform_device_count`` devices); one full OpenMP team per device would oversubscribe the
+    cores and spin (a two-process, 4-device-each test ran 5x slower and timed out on 2 cores).
+    """
+    devices = jax.local_device_count("cpu")
+    if devices <= 1:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // devices)
 
 
 # --------------------------------------------------------------------------------------------- building the library
@@ -93,7 +113,7 @@ def _compile(source: Path, include_dir: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include_dir}", str(source), "-o", tmp, "-ldnnl"]
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include_dir}", str(source), "-o", tmp, "-ldnnl"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -112,9 +132,26 @@ def _library_path() -> Path:
     return _cache_dir() / f"libjaxcnn_onednn_{digest}.so"
 
 
+_XLA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxcnn_onednn_xla_only", default=False)
+
+
 def enabled() -> bool:
-    """False when the environment variable JAXCNN_ONEDNN is 0 / false / no / off (read on every call)."""
+    """False inside `xla_convolutions()` or when the environment variable JAXCNN_ONEDNN is 0 / false / no / off
+    (both read on every call, i.e. whenever a convolution is traced)."""
+    if _XLA_ONLY.get():
+        return False
     return os.environ.get("JAXCNN_ONEDNN", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def xla_convolutions() -> Iterator[None]:
+    """Within this block, convolutions traced use XLA's kernels (e.g. to read XLA's cost analysis, which cannot see
+    into custom calls, or to export a function with `jax.export`)."""
+    token = _XLA_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _XLA_ONLY.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,4 +286,5 @@ def conv2d(x: jax.Array, kernel: jax.Array, geometry: Geometry) -> jax.Array:
     return _bind(x, kernel, FORWARD, geometry)
 
 
-__all__ = ["Geometry", "available", "conv2d", "conv_p", "enabled", "implementations", "usable"]
+__all__ = ["Geometry", "available", "conv2d", "conv_p", "enabled", "implementations", "usable",
+           "xla_convolutions"]

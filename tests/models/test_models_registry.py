@@ -6,7 +6,9 @@ import functools
 import typing
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxcnn.config import ConfigError, parse_value, validate_model_section
@@ -62,6 +64,7 @@ def test_unknown_knob_suggests_and_lists_the_valid_ones():
         ({"head_hidden": 120}, r"head_hidden=120 .*tuple of int"),
         ({"residual": 1}, r"no knob 'residual'"),  # lenet5 has no residual knob
         ({"dtype": "float16"}, r"dtype='float16' .*'float32', 'bfloat16'"),
+        ({"conv_init": "xavier"}, r"conv_init='xavier' .*'he_normal', 'he_uniform', 'lecun_normal', 'torch'"),
     ],
 )
 def test_wrong_values_name_the_knob_and_the_choices(knobs, pattern):
@@ -139,3 +142,24 @@ def test_registering_checks_the_defaults_and_refuses_a_taken_name():
         register_model("lenet5", Other)
     with pytest.raises(ModelConfigError, match="flax.linen.Module class"):
         register_model("not_a_module_test", object)
+
+
+@pytest.mark.parametrize("name, bound, std", [
+    ("torch", lambda fan_in: 1 / np.sqrt(fan_in), lambda fan_in: 1 / np.sqrt(3 * fan_in)),
+    ("he_uniform", lambda fan_in: np.sqrt(6 / fan_in), lambda fan_in: np.sqrt(2 / fan_in)),
+    ("he_normal", None, lambda fan_in: np.sqrt(2 / fan_in)),
+])
+def test_conv_init_knob_sets_every_conv_kernel(name, bound, std):
+    """PyTorch's default conv init is U(+-1/sqrt(fan_in)) (kaiming_uniform_ with a=sqrt(5)); He: std sqrt(2/fan_in)."""
+    model = create_model("vgg11_bn", num_classes=10, stage_sizes=(1, 1, 1, 1), stage_widths=(16, 32, 64, 128),
+                         head="gap", head_hidden=(), dropout=0.0, conv_init=name)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+               if leaf.ndim == 4 and "kernel" in jax.tree_util.keystr(path)]
+    assert len(kernels) == 4
+    for k in kernels:
+        fan_in = k.shape[0] * k.shape[1] * k.shape[2]
+        if bound is not None:
+            assert float(jnp.max(jnp.abs(k))) <= bound(fan_in) * (1 + 1e-6)
+        if k.size >= 4096:  # enough samples for the standard deviation to be within 5%
+            assert abs(float(jnp.std(k)) / std(fan_in) - 1) < 0.05, (name, k.shape)

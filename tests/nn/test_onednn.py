@@ -162,7 +162,39 @@ def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
 
 
 def test_geometry_params_layout():
-    geometry = onednn.Geometry((2, 9, 8, 4), (3, 2, 2, 6), (2, 4, 9, 6), (2, 1), ((1, 0), (2, 1)), (1, 2), 2)
-    assert geometry.params().tolist() == [2, 1, 1, 0, 2, 1, 1, 2, 2]
+    geometry = onednn.Geometry((2, 9, 8, 4), (3, 2, 2, 6), (2, 4, 9, 6), (2, 1), ((1, 0), (2, 1)), (1, 2), 2, 1)
+    assert geometry.params().tolist() == [2, 1, 1, 0, 2, 1, 1, 2, 2, 1]
     assert geometry.dims().tolist()[:9] == [2, 9, 8, 4, 3, 2, 6, 4, 9]
     assert geometry.out_shape("backward_weights") == (3, 2, 2, 6)
+
+
+def test_one_thread_per_device_when_xla_runs_several_cpu_devices():
+    """The tests run with 8 CPU devices (conftest): each convolution gets cores // 8, at least 1, OpenMP threads."""
+    assert jax.local_device_count("cpu") == 8
+    assert onednn.threads_per_device() == 1
+
+
+@needs_onednn
+def test_xla_convolutions_context():
+    x, k = case(8, (2, 8, 8, 4), (3, 3, 4, 5))
+    with onednn.xla_convolutions():
+        assert not uses_onednn(fast, x, k)
+    assert uses_onednn(fast, x, k)
+
+
+@needs_onednn
+def test_devices_running_at_once_get_their_own_results():
+    """pmap over the 8 CPU devices runs 8 oneDNN calls in parallel threads; each must see only its own data
+    (a shared scratchpad gave wrong filter gradients) and repeat bit for bit."""
+    xs, k = case(9, (8, 4, 12, 12, 16), (3, 3, 16, 16))
+    grad = jax.grad(lambda x, k: jnp.sum(jnp.tanh(fast(x, k)) ** 2), (0, 1))
+    runs = [jax.pmap(grad, in_axes=(0, None))(xs, k) for _ in range(3)]
+    with onednn.xla_convolutions():
+        want = [jax.jit(lambda x, k: jax.grad(lambda x, k: jnp.sum(jnp.tanh(fast(x, k)) ** 2), (0, 1))(x, k))(x, k)
+                for x in xs]
+    for d in range(8):
+        np.testing.assert_allclose(runs[0][1][d], want[d][1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(runs[0][0][d], want[d][0], rtol=1e-4, atol=1e-4)
+    for again in runs[1:]:
+        for a, b in zip(again, runs[0]):
+            np.testing.assert_array_equal(a, b)

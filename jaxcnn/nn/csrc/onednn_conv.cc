@@ -6,10 +6,14 @@
 //   JaxcnnConvBwdData    (dy [N,Ho,Wo,Cout], w [KH,KW,Cin/G,Cout]) -> dx [N,H,W,Cin]
 //   JaxcnnConvBwdWeights (x [N,H,W,Cin], dy [N,Ho,Wo,Cout])        -> dw [KH,KW,Cin/G,Cout]
 // Each takes one int64 attribute "params" = [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right,
-// dilation_h, dilation_w, groups] (dilation 1 = dense kernel, JAX's convention).
+// dilation_h, dilation_w, groups, threads] (dilation 1 = dense kernel, JAX's convention; threads = the OpenMP
+// threads oneDNN may use, 0 = all; jaxcnn passes 1 when XLA runs several CPU devices at once, which would otherwise
+// start one spinning OpenMP team per device).
 //
 // oneDNN primitives are built once per geometry and kept in a process-wide cache (building one costs about a
-// millisecond; running one costs less than that for small layers). Kernels are passed in HWIO and reordered
+// millisecond; running one costs less than that for small layers). Primitives run with a scratchpad each call
+// allocates (oneDNN's default shares one buffer between threads: wrong results when XLA runs several CPU devices
+// at once), so one primitive may run in several threads at the same time. Kernels are passed in HWIO and reordered
 // into the blocked layout oneDNN's JIT kernels want on every call (a few hundred KB at most); the filter gradient
 // is reordered back to HWIO.
 //
@@ -26,6 +30,8 @@
 #include <string>
 #include <vector>
 
+#include <omp.h>
+
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -39,10 +45,15 @@ namespace {
 enum Op : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
 struct Geometry {
-  int64_t n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups;
+  int64_t n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups, threads;
 
   std::vector<int64_t> Key(Op op) const {
-    return {op, n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups};
+    return {op, n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups, threads};
+  }
+  // oneDNN sizes its work split when a primitive is built and runs it with that many threads: set the calling
+  // thread's OpenMP thread count before both.
+  void SetThreads() const {
+    if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
   }
   memory::desc Src() const { return memory::desc({n, cin, h, w}, dt::f32, tag::nhwc); }
   memory::desc Dst() const { return memory::desc({n, cout, ho, wo}, dt::f32, tag::nhwc); }
@@ -65,6 +76,8 @@ dnnl::engine& Engine() {
 
 struct Entry {
   dnnl::primitive primitive;
+  memory::desc scratchpad;     // user mode: each call allocates its own (see Build)
+  memory::desc reorder_scratchpad;
   memory::desc weights;        // the kernel layout the primitive reads (or writes, for the filter gradient)
   bool reorder = false;        // whether that layout differs from HWIO
   dnnl::reorder to_primitive;  // HWIO -> primitive layout (forward, input gradient)
@@ -77,42 +90,54 @@ std::map<std::vector<int64_t>, std::shared_ptr<Entry>> cache;
 
 std::shared_ptr<Entry> Build(const Geometry& g, Op op) {
   auto e = std::make_shared<Entry>();
+  // Scratchpad in user mode: oneDNN's library-mode scratchpad is one global buffer, unsafe when XLA runs the
+  // computations of several CPU devices (pmap, shard_map, sharded jit) in parallel threads.
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::convolution_forward::desc fwd_desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
                                            g.Src(), g.AnyWeights(), g.Dst(), g.Strides(), g.Dilates(), g.PadL(),
                                            g.PadR());
-  dnnl::convolution_forward::primitive_desc fwd(fwd_desc, Engine());
+  dnnl::convolution_forward::primitive_desc fwd(fwd_desc, attr, Engine());
   if (op == kForward) {
     e->primitive = dnnl::convolution_forward(fwd);
     e->weights = fwd.weights_desc();
+    e->scratchpad = fwd.scratchpad_desc();
     e->impl = fwd.impl_info_str();
   } else if (op == kBackwardData) {
     dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
                                             g.Strides(), g.Dilates(), g.PadL(), g.PadR());
-    dnnl::convolution_backward_data::primitive_desc pd(d, Engine(), fwd);
+    dnnl::convolution_backward_data::primitive_desc pd(d, attr, Engine(), fwd);
     e->primitive = dnnl::convolution_backward_data(pd);
     e->weights = pd.weights_desc();
+    e->scratchpad = pd.scratchpad_desc();
     e->impl = pd.impl_info_str();
   } else {
     dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(),
                                                g.Dst(), g.Strides(), g.Dilates(), g.PadL(), g.PadR());
-    dnnl::convolution_backward_weights::primitive_desc pd(d, Engine(), fwd);
+    dnnl::convolution_backward_weights::primitive_desc pd(d, attr, Engine(), fwd);
     e->primitive = dnnl::convolution_backward_weights(pd);
     e->weights = pd.diff_weights_desc();
+    e->scratchpad = pd.scratchpad_desc();
     e->impl = pd.impl_info_str();
   }
   memory::desc user = g.UserWeights();
   e->reorder = e->weights != user;
   if (e->reorder) {
     if (op == kBackwardWeights) {
-      e->to_user = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), e->weights, Engine(), user));
+      dnnl::reorder::primitive_desc pd(Engine(), e->weights, Engine(), user, attr);
+      e->to_user = dnnl::reorder(pd);
+      e->reorder_scratchpad = pd.scratchpad_desc();
     } else {
-      e->to_primitive = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user, Engine(), e->weights));
+      dnnl::reorder::primitive_desc pd(Engine(), user, Engine(), e->weights, attr);
+      e->to_primitive = dnnl::reorder(pd);
+      e->reorder_scratchpad = pd.scratchpad_desc();
     }
   }
   return e;
 }
 
 std::shared_ptr<Entry> Get(const Geometry& g, Op op) {
+  g.SetThreads();
   auto key = g.Key(op);
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto it = cache.find(key);
@@ -125,7 +150,7 @@ std::shared_ptr<Entry> Get(const Geometry& g, Op op) {
 Geometry FromShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
                     ffi::Span<const int64_t> p) {
   return Geometry{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2],
-                  p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]};
+                  p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9]};
 }
 
 // x / dx, w / dw, y / dy as the op reads or writes them.
@@ -135,16 +160,26 @@ ffi::Error Run(const Geometry& g, Op op, float* x, float* w, float* y) {
     dnnl::stream stream(Engine());
     memory user_w(g.UserWeights(), Engine(), w);
     memory prim_w = e->reorder ? memory(e->weights, Engine()) : user_w;
-    if (e->reorder && op != kBackwardWeights) e->to_primitive.execute(stream, user_w, prim_w);
+    memory reorder_scratchpad(e->reorder_scratchpad, Engine());
+    if (e->reorder && op != kBackwardWeights) {
+      e->to_primitive.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, prim_w},
+                                       {DNNL_ARG_SCRATCHPAD, reorder_scratchpad}});
+    }
     memory src(g.Src(), Engine(), x), dst(g.Dst(), Engine(), y);
+    memory scratchpad(e->scratchpad, Engine());  // this call's own (freed on return)
     if (op == kForward) {
-      e->primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DST, dst}});
+      e->primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DST, dst},
+                                    {DNNL_ARG_SCRATCHPAD, scratchpad}});
     } else if (op == kBackwardData) {
-      e->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst}});
+      e->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst},
+                                    {DNNL_ARG_SCRATCHPAD, scratchpad}});
     } else {
-      e->primitive.execute(stream,
-                           {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst}});
-      if (e->reorder) e->to_user.execute(stream, prim_w, user_w);
+      e->primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst},
+                                    {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      if (e->reorder) {
+        e->to_user.execute(stream, {{DNNL_ARG_FROM, prim_w}, {DNNL_ARG_TO, user_w},
+                                    {DNNL_ARG_SCRATCHPAD, reorder_scratchpad}});
+      }
     }
     stream.wait();
   } catch (const std::exception& err) {
@@ -184,10 +219,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnConvFwd, Forward, JAXCNN_BILINEAR_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnConvBwdData, BackwardData, JAXCNN_BILINEAR_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnConvBwdWeights, BackwardWeights, JAXCNN_BILINEAR_BINDING);
 
-// dims = [n, h, w, cin, kh, kw, cout, ho, wo, stride_h, stride_w, pad_t, pad_b, pad_l, pad_r, dil_h, dil_w, groups]
+// dims = [n, h, w, cin, kh, kw, cout, ho, wo, stride_h, stride_w, pad_t, pad_b, pad_l, pad_r, dil_h, dil_w, groups,
+//         threads]
 extern "C" const char* JaxcnnConvImpl(int64_t op, const int64_t* d, char* error, int64_t error_len) {
-  Geometry g{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15],
-             d[16], d[17]};
+  Geometry g{d[0],  d[1],  d[2],  d[3],  d[4],  d[5],  d[6],  d[7],  d[8], d[9],
+             d[10], d[11], d[12], d[13], d[14], d[15], d[16], d[17], d[18]};
   try {
     return Get(g, static_cast<Op>(op))->impl.c_str();  // cache entries live as long as the process
   } catch (const std::exception& err) {
