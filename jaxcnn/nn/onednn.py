@@ -267,6 +267,8 @@ def _batch(args, dims, *, op: str, geometry: Geometry):
 
 
 def _cpu_lowering(ctx, lhs, rhs, *, op: str, geometry: Geometry):
+    if _library() is None:  # registers the FFI targets on first use
+        raise RuntimeError(f"jaxcnn_onednn_conv needs the oneDNN library, which is unavailable: {_INSTALL_HINT}")
     return jax.ffi.ffi_lowering(_TARGETS[op][0])(ctx, lhs, rhs, params=geometry.params())
 
 
