@@ -113,7 +113,8 @@ def _compile(source: Path, include_dir: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include_dir}", str(source), "-o", tmp, "-ldnnl"]
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include_dir}", str(source),
+           "-o", tmp, "-ldnnl"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -183,8 +184,9 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def implementations(geometry: Geometry) -> dict[str, str] | None:
     """oneDNN's implementation name for each of the three ops of `geometry` (e.g. 'brgconv:avx512_core'); None
-    when the library is unavailable or oneDNN rejects the geometry."""
-    lib = _library() if enabled() else None
+    when the library is unavailable or oneDNN rejects the geometry (cached: it depends on the geometry only;
+    `usable` checks `enabled()`)."""
+    lib = _library()
     if lib is None:
         return None
     dims = geometry.dims()

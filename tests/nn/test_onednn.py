@@ -8,6 +8,10 @@ rules), eager calls, vmap, lowering for GPU (no custom call), and the fallbacks 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,14 +207,12 @@ def test_devices_running_at_once_get_their_own_results():
 @needs_onednn
 def test_binding_the_primitive_directly_loads_the_library(tmp_path):
     """A fresh process that binds the primitive without going through fast_conv (no `usable` call first)."""
-    import subprocess
-    import sys
     code = ("import jax, jax.numpy as jnp\n"
             "from jaxcnn.nn import onednn\n"
             "g = onednn.Geometry((2, 6, 6, 3), (3, 3, 3, 4), (2, 6, 6, 4), (1, 1), ((1, 1), (1, 1)), (1, 1), 1)\n"
             "y = jax.jit(lambda x, k: onednn.conv2d(x, k, g))(jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4)))\n"
             "print(float(y[0, 2, 2, 0]))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "XLA_FLAGS": ""})
+                         env={**os.environ, "XLA_FLAGS": ""})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "27.0"  # 3x3 window of ones times 3 channels

@@ -57,12 +57,13 @@ struct Geometry {
   }
   memory::desc Src() const { return memory::desc({n, cin, h, w}, dt::f32, tag::nhwc); }
   memory::desc Dst() const { return memory::desc({n, cout, ho, wo}, dt::f32, tag::nhwc); }
-  memory::desc Weights(tag t) const {
-    if (groups == 1) return memory::desc({cout, cin, kh, kw}, dt::f32, t == tag::any ? tag::any : tag::hwio);
-    return memory::desc({groups, cout / groups, cin / groups, kh, kw}, dt::f32, t == tag::any ? tag::any : tag::hwigo);
+  // HWIO as jaxcnn stores kernels (hwigo with groups), or `any`: the layout oneDNN prefers.
+  memory::desc Weights(bool any) const {
+    if (groups == 1) return memory::desc({cout, cin, kh, kw}, dt::f32, any ? tag::any : tag::hwio);
+    return memory::desc({groups, cout / groups, cin / groups, kh, kw}, dt::f32, any ? tag::any : tag::hwigo);
   }
-  memory::desc UserWeights() const { return Weights(tag::hwio); }
-  memory::desc AnyWeights() const { return Weights(tag::any); }
+  memory::desc UserWeights() const { return Weights(false); }
+  memory::desc AnyWeights() const { return Weights(true); }
   memory::dims Strides() const { return {sh, sw}; }
   memory::dims Dilates() const { return {dh - 1, dw - 1}; }  // oneDNN counts the gaps, JAX the step
   memory::dims PadL() const { return {pt, pl}; }
