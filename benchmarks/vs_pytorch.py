@@ -15,6 +15,13 @@ Timing: compile / warm-up steps first, then `--rounds` rounds; in each round jax
 PyTorch trains `--steps` steps, so both see the same machine load. Printed: the median images/s of each side, the
 ratio of the medians and the median of the per-round ratios. PyTorch is optional (`pip install torch==2.13.0`);
 without it only the jaxcnn figures are printed.
+
+PyTorch runs in a child process of its own, driven round by round from here, so that it gets the C library's
+malloc settings a plain PyTorch script gets. jaxcnn changes glibc's (jaxcnn/train/host_malloc.py: the memory of
+each step stays mapped), which would otherwise speed up PyTorch as well. `--torch-malloc` chooses:
+'default' (glibc's defaults, how PyTorch runs for its users), 'jaxcnn' (jaxcnn's settings applied in PyTorch's
+process too, before it imports torch), or 'both' (two PyTorch processes, both timed in every round; the ratio
+is against 'default', and the 'jaxcnn' figure is printed beside it).
 """
 
 from __future__ import annotations
@@ -77,34 +84,91 @@ class TorchTrainer:
 
 
 def torch_available() -> str | None:
-    """None when PyTorch imports, else why not."""
-    try:
-        import torch  # noqa: F401
-    except ImportError as error:
-        return f"PyTorch is not installed here ({error}); `pip install torch==2.13.0` adds it (CPU build)"
+    """None when PyTorch is installed, else why not (checked without importing it into this process)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "PyTorch is not installed here; `pip install torch==2.13.0` adds it (CPU build)"
     return None
 
 
+def _torch_worker(conn: Any, name: str, batch_size: int, channels_last: bool, malloc: str) -> None:
+    """The child process: builds a TorchTrainer, then trains `n` steps for every `n` received; None ends it."""
+    try:
+        if malloc == "jaxcnn":
+            from jaxcnn.train.host_malloc import configure_host_malloc
+
+            configure_host_malloc()  # before torch starts its threads, as jaxcnn does before JAX
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        trainer = TorchTrainer(name, batch_size, channels_last=channels_last)
+        conn.send(("ready", {"params": trainer.params, "version": torch.__version__,
+                             "threads": torch.get_num_threads()}))
+    except Exception as error:  # the parent raises it with the child's message
+        conn.send(("error", f"{type(error).__name__}: {error}"))
+        return
+    while (steps := conn.recv()) is not None:
+        trainer.run(steps)
+        conn.send(("done", steps))
+
+
+class TorchProcess:
+    """A TorchTrainer in a child process (its own malloc settings, see the module docstring); `run(n)` waits for
+    n steps there. malloc: 'default' (glibc's) or 'jaxcnn' (jaxcnn.train.host_malloc's)."""
+
+    def __init__(self, name: str, batch_size: int, *, channels_last: bool = False, malloc: str = "default") -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX, no inherited allocator state
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_torch_worker, args=(child, name, batch_size, channels_last, malloc),
+                                   daemon=True)
+        self.process.start()
+        kind, info = self.conn.recv()
+        if kind != "ready":
+            self.process.join()
+            raise RuntimeError(f"the PyTorch process for {name} failed: {info}")
+        self.params, self.version, self.threads = info["params"], info["version"], info["threads"]
+
+    def run(self, steps: int) -> None:
+        self.conn.send(steps)
+        self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(timeout=30)
+
+
 def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, torch_layout: str,
-            with_torch: bool) -> dict[str, Any]:
-    """Trains `name` with jaxcnn and PyTorch alternately; returns the per-round images/s of each."""
+            torch_mallocs: tuple[str, ...]) -> dict[str, Any]:
+    """Trains `name` with jaxcnn and with PyTorch (one child process per entry of `torch_mallocs`, none when
+    empty) alternately; returns the per-round images/s of each side, keyed 'jax' and 'torch/<malloc>'."""
     jax_trainer = make_jax_trainer(name, batch_size)
     jax_trainer.run(warmup)
-    torch_trainer = None
-    if with_torch:
-        torch_trainer = TorchTrainer(name, batch_size, channels_last=torch_layout == "channels_last")
-        torch_trainer.run(warmup)
-    jax_rates: list[float] = []
-    torch_rates: list[float] = []
-    for _ in range(rounds):
-        for trainer, rates in ((jax_trainer, jax_rates), (torch_trainer, torch_rates)):
-            if trainer is None:
-                continue
-            t0 = time.perf_counter()
-            trainer.run(steps)
-            rates.append(steps * batch_size / (time.perf_counter() - t0))
-    return {"jax": jax_rates, "torch": torch_rates, "compile_s": jax_trainer.compile_s,
-            "jax_params": jax_trainer.params, "torch_params": torch_trainer.params if torch_trainer else None}
+    sides: dict[str, Any] = {"jax": jax_trainer}
+    try:
+        for malloc in torch_mallocs:
+            sides[f"torch/{malloc}"] = TorchProcess(name, batch_size, channels_last=torch_layout == "channels_last",
+                                                    malloc=malloc)
+            sides[f"torch/{malloc}"].run(warmup)
+        rates: dict[str, list[float]] = {key: [] for key in sides}
+        for _ in range(rounds):
+            for key, trainer in sides.items():
+                t0 = time.perf_counter()
+                trainer.run(steps)
+                rates[key].append(steps * batch_size / (time.perf_counter() - t0))
+    finally:
+        for key, trainer in sides.items():
+            if key != "jax":
+                trainer.close()
+    torch_params = {sides[k].params for k in sides if k != "jax"}
+    return {"rates": rates, "compile_s": jax_trainer.compile_s, "jax_params": jax_trainer.params,
+            "torch_params": torch_params.pop() if len(torch_params) == 1 else None,
+            "torch_version": next((sides[k].version for k in sides if k != "jax"), None)}
+
+
+TORCH_MALLOCS = {"default": ("default",), "jaxcnn": ("jaxcnn",), "both": ("default", "jaxcnn")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,38 +182,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side after compilation")
     parser.add_argument("--torch-layout", default="nchw", choices=("nchw", "channels_last"),
                         help="PyTorch memory format (nchw: PyTorch's default)")
+    parser.add_argument("--torch-malloc", default="both", choices=tuple(TORCH_MALLOCS),
+                        help="glibc malloc settings of the PyTorch process (see above); the ratio is against "
+                             "'default' when it runs")
     parser.add_argument("--no-torch", action="store_true", help="time jaxcnn only")
     args = parser.parse_args(argv)
 
     from jaxcnn.train.xla_flags import configure_xla_cpu
 
-    configure_xla_cpu()
+    configure_xla_cpu()  # XLA flags and host malloc settings, as `jaxcnn train` sets them
     missing = "--no-torch given" if args.no_torch else torch_available()
-    if missing is None:
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
-        torch_line = f"PyTorch {torch.__version__} eager ({args.torch_layout}), {torch.get_num_threads()} threads"
-    else:
-        torch_line = f"PyTorch: unavailable ({missing})"
+    mallocs = TORCH_MALLOCS[args.torch_malloc] if missing is None else ()
     print(machine_line())
-    print(torch_line)
+    if missing is None:
+        print(f"PyTorch eager ({args.torch_layout}), {os.cpu_count() or 1} threads, in child processes with malloc "
+              f"settings: {', '.join(mallocs)}")
+    else:
+        print(f"PyTorch: unavailable ({missing})")
     print(f"batch {args.batch}, float32, SGD-Nesterov + weight decay, {args.rounds} alternating rounds")
     default_steps = {"resnet20": 10, "resnet56": 5, "vgg11": 5, "lenet5": 50, "mlp": 50}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name not in default_steps:
             parser.error(f"--models: unknown model {name!r}; choose from {', '.join(default_steps)}")
         steps = args.steps or default_steps[name]
-        r = compare(name, args.batch, steps, args.rounds, args.warmup, args.torch_layout, missing is None)
-        jax_median = statistics.median(r["jax"])
+        r = compare(name, args.batch, steps, args.rounds, args.warmup, args.torch_layout, mallocs)
+        jax_rates = r["rates"]["jax"]
+        jax_median = statistics.median(jax_rates)
         line = f"{name:9s} jaxcnn {jax_median:9,.1f} images/s (compile {r['compile_s']:.1f} s)"
-        if r["torch"]:
-            torch_median = statistics.median(r["torch"])
-            per_round = statistics.median(j / t for j, t in zip(r["jax"], r["torch"]))
-            line += (f" | PyTorch {torch_median:9,.1f} images/s | ratio {jax_median / torch_median:.2f}x "
+        for malloc in mallocs:
+            torch_rates = r["rates"][f"torch/{malloc}"]
+            torch_median = statistics.median(torch_rates)
+            per_round = statistics.median(j / t for j, t in zip(jax_rates, torch_rates))
+            label = "PyTorch" if malloc == "default" else f"PyTorch ({malloc} malloc)"
+            line += (f" | {label} {torch_median:9,.1f} images/s | ratio {jax_median / torch_median:.2f}x "
                      f"(median per-round ratio {per_round:.2f}x)")
-            if r["jax_params"] != r["torch_params"]:
-                line += f" | PARAMETER COUNTS DIFFER: jaxcnn {r['jax_params']:,}, PyTorch {r['torch_params']:,}"
+        if mallocs and r["jax_params"] != r["torch_params"]:
+            line += f" | PARAMETER COUNTS DIFFER: jaxcnn {r['jax_params']:,}, PyTorch {r['torch_params']}"
+        if r["torch_version"]:
+            line += f" | torch {r['torch_version']}"
         print(line, flush=True)
     return 0
 

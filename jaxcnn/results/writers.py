@@ -6,6 +6,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -44,6 +45,26 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without importing PyTorch.
+
+    tensorboardX's writer module tries `import torch` only to name `torch.Tensor` in type hints; with PyTorch
+    installed that import costs 2-3 s of every run's wall time (measured: 2.4 s of a 37 s run). When torch is not
+    imported yet, it is hidden for the duration of this import (tensorboardX catches the ImportError) and the
+    import system is left as it was, so a later `import torch` works normally.
+    """
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends records to metrics.jsonl and mirrors scalars to TensorBoard (tensorboardX) under `tb/`.
 
@@ -55,10 +76,8 @@ class MetricsWriter:
         self.workdir = Path(workdir)
         self._tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
             self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
-            self._tb = SummaryWriter(logdir=str(self.workdir / "tb"), flush_secs=10)
+            self._tb = _summary_writer_class()(logdir=str(self.workdir / "tb"), flush_secs=10)
 
     def write(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
         """kind: 'train' or 'eval' (or another label); values: scalars."""

@@ -1,4 +1,4 @@
-"""XLA flags for the CPU backend, set before JAX starts it.
+"""XLA flags for the CPU backend, and the host malloc settings it runs best with, set before JAX starts it.
 
 XLA reads `XLA_FLAGS` once, when JAX creates its first backend (the first array, jit or `jax.devices()`), so
 `configure_xla_cpu()` must run before that: `jaxcnn.train.loop.train` (and so `python -m jaxcnn train` and
@@ -9,6 +9,10 @@ XLA reads `XLA_FLAGS` once, when JAX creates its first backend (the first array,
 
 A flag the user already put in `XLA_FLAGS` is never overridden, so any default below can be switched off from
 the environment (e.g. `XLA_FLAGS=--xla_cpu_use_thunk_runtime=true`).
+
+The same call applies `jaxcnn.train.host_malloc.configure_host_malloc()` (glibc keeps each step's temporary
+memory mapped instead of page-faulting it in again every step; `JAXCNN_HOST_MALLOC=0` switches it off), which
+has the same deadline: before JAX starts its thread pools.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+
+from jaxcnn.train.host_malloc import configure_host_malloc
 
 # flag -> value, with why. Applied on every platform (XLA ignores CPU flags on GPU/TPU backends).
 DEFAULT_CPU_FLAGS: dict[str, str] = {
@@ -48,6 +54,8 @@ def configure_xla_cpu(flags: dict[str, str] | None = None) -> bool:
     already started its backends in this process, where new XLA flags have no effect.
     """
     flags = DEFAULT_CPU_FLAGS if flags is None else flags
+    if not _backends_started():
+        configure_host_malloc()
     current = os.environ.get("XLA_FLAGS", "").split()
     present = {_flag_name(item) for item in current}
     missing = [f"--{name}={value}" for name, value in flags.items() if name not in present]
@@ -58,9 +66,9 @@ def configure_xla_cpu(flags: dict[str, str] | None = None) -> bool:
 
         if jax.default_backend() == "cpu":  # on GPU/TPU the CPU flags would not matter anyway
             warnings.warn(
-                f"jaxcnn: JAX's CPU backend is already running, so the XLA flags {' '.join(missing)} cannot take "
-                "effect (training runs slower); call jaxcnn.train.xla_flags.configure_xla_cpu() before the first "
-                "JAX array or jit",
+                f"jaxcnn: JAX's CPU backend is already running, so the XLA flags {' '.join(missing)} and jaxcnn's "
+                "host malloc settings cannot take effect (training runs slower); call "
+                "jaxcnn.train.xla_flags.configure_xla_cpu() before the first JAX array or jit",
                 RuntimeWarning,
                 stacklevel=2,
             )
