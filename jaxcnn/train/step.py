@@ -134,28 +134,32 @@ def make_train_step(opts: StepOptions, axis_name: str | None = None) -> Callable
         loss, acc = _pmean((loss, acc), axis_name)
         grad_norm = optax.tree.norm(grads)
 
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema_params = state.ema_params
-        if opts.ema_decay is not None and ema_params is not None:
-            d = opts.ema_decay
-            ema_params = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+        def updated() -> TrainState:
+            updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema_params = state.ema_params
+            if opts.ema_decay is not None and ema_params is not None:
+                d = opts.ema_decay
+                ema_params = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+            new_stats = batch_stats
+            if opts.freeze_stats is not None:
+                new_stats = opts.freeze_stats(state.batch_stats, batch_stats, state.step)
+            return state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state,
+                                 ema_params=ema_params)
 
-        if opts.freeze_stats is not None:
-            batch_stats = opts.freeze_stats(state.batch_stats, batch_stats, state.step)
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params
-        )
         if opts.check_finite:
-            new_state = _guard_nonfinite(state, new_state, loss, grads)
+            new_state = _guard_nonfinite(state, updated, loss, grads)
+        else:
+            new_state = updated()
         metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm}
         return new_state, metrics
 
     return train_step
 
 
-def _guard_nonfinite(old: TrainState, new: TrainState, loss: jax.Array, grads: Any) -> TrainState:
-    """Keeps `old` (and records the step and first bad quantity) when the loss or a gradient is not finite."""
+def _guard_nonfinite(old: TrainState, updated: Callable[[], TrainState], loss: jax.Array, grads: Any) -> TrainState:
+    """`updated()` when the loss and every gradient are finite, else `old` (recording the step and the first bad
+    quantity in `first_nonfinite`; once recorded, the state stays `old`)."""
     leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
     loss_ok = jnp.isfinite(loss)
     ok = loss_ok & jnp.all(leaf_ok)
@@ -164,8 +168,11 @@ def _guard_nonfinite(old: TrainState, new: TrainState, loss: jax.Array, grads: A
     record = jnp.where(ok | already_bad, old.first_nonfinite, jnp.stack([old.step, what]).astype(jnp.int32))
     keep_new = ok & ~already_bad
     # One conditional over the whole state, not a select per leaf: per-leaf selects that wait on every leaf's
-    # finiteness check made XLA's compilation of a ResNet-56 step 3.5x slower on CPU (29 s against 9 s).
-    chosen = lax.cond(keep_new, lambda: new, lambda: old)
+    # finiteness check made XLA's compilation of a ResNet-56 step 3.5x slower on CPU (29 s against 9 s). The
+    # optimizer update runs inside the true branch, so it writes the new state straight into the conditional's
+    # results; selecting between two states computed outside it cost two copies of the parameters and momenta
+    # per step (a quarter of the MLP step on 2 CPU cores, benchmarks/README.md).
+    chosen = lax.cond(keep_new, updated, lambda: old)
     return chosen.replace(first_nonfinite=record)
 
 
