@@ -16,9 +16,11 @@ Three settings keep that memory in the process and reuse it:
 - ``M_TRIM_THRESHOLD = 2 GiB``: freed memory at the top of the heap stays mapped unless more than 2 GiB of it
   is free at once.
 
-The cost: the process keeps its high-water mark of heap memory instead of returning it to the system, which
-is what a training process wants. Measured on the same machine, in one sitting: ResNet-20 train step 330 ->
-511 images/s, the fast Fashion-MNIST recipe's step 4,400 -> 5,300 images/s.
+Measured on the same machine, in the same hour: ResNet-20 train step 330 -> 450-511 images/s, the fast
+Fashion-MNIST recipe's step 4,400 -> 5,300 images/s. The costs: the process keeps its high-water mark of heap
+memory instead of returning it to the system (what a training process wants), and the single arena makes
+steps of a few milliseconds, built from many small allocations on several threads, slower: the MLP about 20%,
+LeNet-5 about 10% (median of 4 alternations each). Set `JAXCNN_HOST_MALLOC=0` for such studies.
 
 Threads choose their arena at their first allocation, so this must run before JAX starts its backend (and
 its thread pools); later, it is too late for XLA's worker threads (`configure_xla_cpu` warns). It changes
