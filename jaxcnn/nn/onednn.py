@@ -237,7 +237,7 @@ def _abstract_eval(lhs, rhs, *, op: str, geometry: Geometry):
 
 @functools.lru_cache(maxsize=None)
 def _eager(op: str, geometry: Geometry):
-    return jax.jit(lambda lhs, rhs: conv_p.bind(lhs, rhs, op=op, geometry=geometry))
+    return jax.jit(functools.partial(_bind, op=op, geometry=geometry))
 
 
 def _bind(lhs, rhs, op: str, geometry: Geometry):

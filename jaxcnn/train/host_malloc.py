@@ -48,20 +48,27 @@ SETTINGS: dict[str, tuple[int, int]] = {
 ENV_SWITCH = "JAXCNN_HOST_MALLOC"
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library when it is glibc with `mallopt` (musl has no `gnu_get_libc_version`), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018
+        libc.mallopt  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def skip_reason() -> str | None:
     """Why `configure_host_malloc` would change nothing here, or None when it applies its settings."""
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off", "default"):
         return f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES already sets glibc.malloc tunables"
-    if not sys.platform.startswith("linux"):
-        return f"not glibc ({sys.platform})"
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl does not)
-        libc.mallopt  # noqa: B018
-    except (OSError, AttributeError):
-        return "the C library is not glibc"
+    if _glibc() is None:
+        return f"the C library is not glibc ({sys.platform})"
     return None
 
 
@@ -69,10 +76,10 @@ def configure_host_malloc() -> bool:
     """Applies `SETTINGS` with glibc's `mallopt`; True when applied, False when skipped (see `skip_reason`)."""
     if skip_reason() is not None:
         return False
-    libc = ctypes.CDLL(None)
-    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    libc.mallopt.restype = ctypes.c_int
-    return all(libc.mallopt(param, value) == 1 for param, value in SETTINGS.values())
+    mallopt = _glibc().mallopt
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in SETTINGS.values())
 
 
 __all__ = ["ENV_SWITCH", "SETTINGS", "configure_host_malloc", "skip_reason"]
