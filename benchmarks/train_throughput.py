@@ -4,8 +4,8 @@
     python benchmarks/train_throughput.py --model resnet56 --batch 128 --steps 5 --rounds 3
     python benchmarks/train_throughput.py --model resnet50 --batch 64 --image-size 224 --dtype bfloat16   # GPU
 
-It times the train step `jaxcnn train` runs: `make_train_step(StepOptions(...))` compiled by the 'jit' strategy
-of `jaxcnn.train.parallel` (state donated), SGD with Nesterov momentum and weight decay from
+It times the training loop `jaxcnn train` runs: `make_train_step(StepOptions(...))` compiled by the 'jit' strategy
+of `jaxcnn.train.parallel` as several steps per call (`compile_train_steps`, state donated), SGD with Nesterov momentum and weight decay from
 `jaxcnn.train.optim.make_optimizer`, uint8 batches resident on the device and turned into floats inside the
 step. Prints the compile time (lowering + XLA compilation of the step), then images/s as the median over
 `--rounds` rounds of `--steps` steps each, after `--warmup` untimed steps.
@@ -55,11 +55,15 @@ def bench_spec(name: str, image_size: int = 32, num_classes: int = 10) -> tuple[
 
 @dataclass
 class JaxTrainer:
-    """A compiled jaxcnn train step with its state and a few device-resident batches; `run(n)` trains n steps."""
+    """jaxcnn's compiled training loop with its state and device-resident stacked batches; `run(n)` trains n steps.
 
-    step_fn: Any
+    As in `jaxcnn train`, steps run several per compiled call (`Strategy.compile_train_steps`): run(n) makes
+    ceil(n / S) calls over the S stacked batches, each call as many steps as remain in the stack.
+    """
+
+    steps_fn: Any
     state: Any
-    batches: list[dict[str, Any]]
+    batches: dict[str, Any]  # stacked [S, B, ...]
     compile_s: float
     params: int
     batch_size: int
@@ -68,21 +72,26 @@ class JaxTrainer:
     def run(self, steps: int) -> None:
         import jax
 
-        for _ in range(steps):
-            batch = self.batches[self.step % len(self.batches)]
-            self.state, metrics = self.step_fn(self.state, batch, jax.random.fold_in(jax.random.PRNGKey(0), self.step))
-            self.step += 1
-        jax.block_until_ready((self.state, metrics))
+        key = jax.random.PRNGKey(0)
+        stack = next(iter(self.batches.values())).shape[0]
+        while steps > 0:
+            first = self.step % stack
+            count = min(steps, stack - first)
+            self.state, sums = self.steps_fn(self.state, self.batches, first, count, key, self.step)
+            self.step += count
+            steps -= count
+        jax.block_until_ready((self.state, sums))
 
 
 def make_jax_trainer(name: str, batch_size: int, *, dtype: str = "float32", image_size: int = 32, seed: int = 0,
-                     num_batches: int = 4) -> JaxTrainer:
+                     num_batches: int | None = None) -> JaxTrainer:
     """Builds model, optimizer, state and the compiled train step exactly as `jaxcnn.train.loop.train` does."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from jaxcnn.config import OptimConfig, ParallelConfig, ScheduleConfig
+    from jaxcnn.data.pipeline import stacked_sharding
     from jaxcnn.models import create_model
     from jaxcnn.train import parallel
     from jaxcnn.train.optim import make_optimizer
@@ -100,18 +109,19 @@ def make_jax_trainer(name: str, batch_size: int, *, dtype: str = "float32", imag
     state = create_train_state(model, tx, init_variables(model, (1, h, w, c), seed))
     opts = StepOptions(num_classes=knobs["num_classes"], mean=(127.5,) * c, std=(64.0,) * c,
                        compute_dtype=jnp.dtype(dtype), steps_per_epoch=100)
-    step_fn = strategy.compile_train_step(make_train_step(opts, axis_name=strategy.axis_name))
+    steps_fn = strategy.compile_train_steps(make_train_step(opts, axis_name=strategy.axis_name))
     state = strategy.place_state(state)
+    if num_batches is None:  # as many as fit in about 256 MB of uint8 images (the loop runs over them in one call)
+        num_batches = max(4, min(64, (256 << 20) // (batch_size * h * w * c)))
     rng = np.random.default_rng(seed)
-    batches = [
-        strategy.put_batch({"image": rng.integers(0, 256, (batch_size, h, w, c), dtype=np.uint8),
-                            "label": rng.integers(0, knobs["num_classes"], batch_size, dtype=np.int32)})
-        for _ in range(num_batches)
-    ]
-    jitted = getattr(step_fn, "__wrapped__", step_fn)
+    host = {"image": rng.integers(0, 256, (num_batches, batch_size, h, w, c), dtype=np.uint8),
+            "label": rng.integers(0, knobs["num_classes"], (num_batches, batch_size), dtype=np.int32)}
+    sharding = stacked_sharding(strategy.batch_sharding)
+    batches = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()}
+    jitted = steps_fn.__wrapped__
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, batches[0], key).compile()
+    compiled = jitted.lower(state, batches, 0, 1, key, 0).compile()
     compile_s = time.perf_counter() - t0
     return JaxTrainer(compiled, state, batches, compile_s, param_count(state.params), batch_size)
 

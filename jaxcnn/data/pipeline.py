@@ -95,7 +95,7 @@ def check_batch_size(batch_size: int, sharding: Sharding) -> None:
         raise ValueError(f"batch_size {batch_size} is not divisible by {d} devices; use {nearest}")
 
 
-def _stacked_sharding(sharding: Sharding) -> Sharding:
+def stacked_sharding(sharding: Sharding) -> Sharding:
     """The sharding of [steps, B, ...]: the batch sharding with an unsharded steps axis in front."""
     if isinstance(sharding, NamedSharding):
         return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
@@ -115,7 +115,7 @@ def process_rows(sharding: Sharding, batch_size: int) -> np.ndarray:
 
 def _put_stacked(host: dict[str, np.ndarray], sharding: Sharding, batch_size: int) -> Batch:
     """Puts process-local [steps, B_local, ...] arrays as global [steps, B, ...] arrays, batch axis sharded."""
-    stacked = _stacked_sharding(sharding)
+    stacked = stacked_sharding(sharding)
     return {
         k: jax.make_array_from_process_local_data(stacked, v, (v.shape[0], batch_size) + v.shape[2:])
         for k, v in host.items()
@@ -123,14 +123,14 @@ def _put_stacked(host: dict[str, np.ndarray], sharding: Sharding, batch_size: in
 
 
 @jax.jit
-def _take_step(stacked: Batch, k: jax.Array) -> Batch:
+def take_batch(stacked: Batch, k: jax.Array) -> Batch:
     """Batch k of [steps, B, ...] arrays; the result keeps the batch-axis sharding."""
     return jax.tree.map(lambda a: a[k], stacked)
 
 
 def _iterate_stacked(stacked: Batch) -> Iterator[Batch]:
     for k in range(next(iter(stacked.values())).shape[0]):
-        yield _take_step(stacked, k)
+        yield take_batch(stacked, k)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,17 +178,24 @@ class DeviceEpochLoader:
 
         The epoch's remaining data is transferred (asynchronously) when this is called.
         """
+        stacked = self.epoch_arrays(epoch, start_step)
+        return iter(()) if stacked is None else _iterate_stacked(stacked)
+
+    def epoch_arrays(self, epoch: int, start_step: int = 0) -> Batch | None:
+        """The same batches stacked, as the multi-step train loop takes them: {'image': uint8 [S, B, H, W, C],
+        'label': int32 [S, B], 'index': int32 [S, B]} with S = steps_per_epoch - start_step (batch axis on the
+        loader's sharding); None when S = 0. Batch k of `epoch(epoch, start_step)` is entry k here."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} must be in [0, {self.steps_per_epoch}] (steps per epoch)")
         indices = self.epoch_indices(epoch)[start_step:, self._rows]  # [steps, B_local]
         if indices.shape[0] == 0:
-            return iter(())
+            return None
         host = {
             "image": self.dataset.images[indices],
             "label": self.dataset.labels[indices],
             "index": indices.astype(np.int32),
         }
-        return _iterate_stacked(_put_stacked(host, self.sharding, self.batch_size))
+        return _put_stacked(host, self.sharding, self.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ them, and the filter gradient of grouped and depthwise convolutions:
   over the batch, so XLA feeds it the input transposed to ``[C, H, W, N]``. Left alone, XLA recomputes the
   input's producer (BatchNorm's affine map and the ReLU) inside that transpose, which turns a fast blocked copy
   into a strided loop several times slower (in a CIFAR ResNet-20 step those transposes took a third of the time
-  on 2 CPU cores). Here the forward pass routes the input through `_stored`, an identity that XLA cannot fuse
+  on 2 CPU cores). Here the forward pass routes the input through `materialized`, an identity that XLA cannot fuse
   across, so the transpose copies the activation the forward pass already wrote.
 - **Grouped and depthwise filter gradients** (jax-ml/jax#13800, #23713): XLA expands ``batch_group_count``
   convolutions into a dense convolution ``groups`` times larger. Depthwise convolutions (one input channel per
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxcnn.nn import onednn
+from jaxcnn.nn.materialize import materialized
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Pairs = tuple[tuple[int, int], tuple[int, int]]
@@ -115,7 +116,7 @@ def _conv_one_channel(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     x: [N, H, W, 1], kernel: [KH, KW, 1, Cout] -> [N, Ho, Wo, Cout]. XLA fuses the KH * KW broadcast multiply-adds
     into one loop, which ran 3-20x faster than its CPU convolution for the first layer of MNIST-sized nets
     (28x28x1 -> 6..32 channels, 3x3 and 5x5 kernels; benchmarks/README.md). The result is materialised
-    (`_stored`) so that consumers read it instead of recomputing the sum.
+    (`materialized`) so that consumers read it instead of recomputing the sum.
     """
     _, h, w, _ = x.shape
     kh, kw, _, _ = kernel.shape
@@ -132,7 +133,7 @@ def _conv_one_channel(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
             out = term if out is None else out + term
     # Materialised: left fusible, XLA recomputes the whole sum inside each consumer (the max-pool gradient read it
     # four times per window: LeNet-5's step ran 1.7x slower).
-    return _stored(out.astype(dtype), kernel.reshape(-1)[0])
+    return materialized(out.astype(dtype), kernel.reshape(-1)[0])
 
 
 def _conv_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,
@@ -141,18 +142,6 @@ def _conv_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pad
     if groups == 1 and x.shape[3] == 1 and not _smaller_than_kernel(x.shape, kernel.shape, dilation):
         return _conv_one_channel(x, kernel, strides, padding, dilation)
     return _conv(x, kernel, strides, padding, dilation, groups)
-
-
-def _stored(x: jax.Array, witness: jax.Array) -> jax.Array:
-    """x itself, returned through a conditional whose predicate XLA cannot evaluate at compile time.
-
-    A conditional is a boundary XLA's fusion passes do not cross (unlike `lax.optimization_barrier`, which the CPU
-    pipeline removes before fusion), so the consumers of the result read the materialised x instead of
-    recomputing x's elementwise producers. `witness` is any scalar computed at run time (the predicate
-    ``w == w or w != w`` is always true, also for NaN); both branches return x unchanged.
-    """
-    always = (witness == witness) | (witness != witness)
-    return lax.cond(always, lambda v: v, lambda v: v.copy(), x)
 
 
 def _depthwise_filter_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
@@ -204,7 +193,7 @@ def _conv_fast(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], paddin
 
 
 def _conv_fast_fwd(x, kernel, strides, padding, dilation, groups):
-    x = _stored(x, kernel.reshape(-1)[0])
+    x = materialized(x, kernel.reshape(-1)[0])
     return _conv_forward(x, kernel, strides, padding, dilation, groups), (x, kernel)
 
 

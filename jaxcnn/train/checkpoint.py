@@ -88,6 +88,7 @@ RESUME_IGNORED_KEYS: tuple[str, ...] = (
     "name",
     "train.progress",
     "train.log_every_steps",
+    "train.steps_per_call",
     "train.eval_every_epochs",
     "train.check_finite",
     "checkpoint.",

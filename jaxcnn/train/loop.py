@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnn.config import Config, config_to_dict
+from jaxcnn.config import Config, ConfigError, config_to_dict
 from jaxcnn.data import DATASET_INFO, ArrayDataset, load_split
 from jaxcnn.data.pipeline import DeviceEpochLoader, DeviceEvalSet
 from jaxcnn.models import create_model, model_knobs
@@ -90,9 +90,11 @@ def evaluate(eval_step: Any, state: TrainState, eval_set: DeviceEvalSet) -> dict
     }
 
 
-def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
-    host = jax.device_get(history)
-    return {k: float(np.mean([np.asarray(h[k]).mean() for h in host])) for k in host[0]}
+def _mean_metrics(history: list[tuple[dict[str, Any], int]]) -> dict[str, float]:
+    """Per-step means from (metric sums over `count` steps, count) pairs."""
+    host = jax.device_get([sums for sums, _ in history])
+    steps = sum(count for _, count in history)
+    return {k: float(sum(np.asarray(h[k]).mean() for h in host)) / steps for k in host[0]}
 
 
 def _raise_if_nonfinite(state: TrainState) -> None:
@@ -163,7 +165,7 @@ def _train_in(cfg: Config, rundir: "ckpt_lib.RunDirectory", main: bool, t_start:
         check_finite=cfg.train.check_finite,
         freeze_stats=transfer.stats_freezer(variables, cfg.transfer, steps_per_epoch),
     )
-    train_step = strategy.compile_train_step(make_train_step(opts, axis_name=strategy.axis_name))
+    train_steps = strategy.compile_train_steps(make_train_step(opts, axis_name=strategy.axis_name))
     eval_step = strategy.compile_eval_step(make_eval_step(opts, axis_name=strategy.axis_name))
     state = strategy.place_state(state)
     loader = DeviceEpochLoader(data.train, cfg.data.batch_size, seed=cfg.seed, sharding=strategy.batch_sharding)
@@ -176,8 +178,25 @@ def _train_in(cfg: Config, rundir: "ckpt_lib.RunDirectory", main: bool, t_start:
     progress = Progress(total_steps, start_step, cfg.data.batch_size, enabled=main and cfg.train.progress)
     base_key = jax.random.PRNGKey(cfg.seed)
     log_every = max(1, cfg.train.log_every_steps)
+    if cfg.train.steps_per_call < 0:
+        raise ConfigError(f"train.steps_per_call={cfg.train.steps_per_call}: use 0 (every step up to the next log, "
+                          "checkpoint or evaluation point in one call) or a positive cap")
+
+    def is_boundary(s: int) -> bool:
+        """Whether the loop logs (and may checkpoint / evaluate) after step s."""
+        end = s % steps_per_epoch == 0
+        return s % log_every == 0 or s >= total_steps or end or checkpointer.save_due(s, end)
+
+    def steps_to_boundary(s: int) -> int:
+        """How many steps the next call trains from step s: up to the next boundary, at most steps_per_call."""
+        cap = cfg.train.steps_per_call or total_steps
+        n = 1
+        while n < cap and not is_boundary(s + n):
+            n += 1
+        return n
+
     eval_every = cfg.train.eval_every_epochs
-    history: list[dict[str, Any]] = []
+    history: list[tuple[dict[str, Any], int]] = []  # (metric sums, steps) per call since the last log
     train_time = 0.0  # seconds spent in training steps after the first (compile) step
     timed_images = 0
     last_eval: dict[str, dict[str, float]] = {}
@@ -194,21 +213,25 @@ def _train_in(cfg: Config, rundir: "ckpt_lib.RunDirectory", main: bool, t_start:
         steps_in_interval = 0
         while step < total_steps:
             epoch = step // steps_per_epoch
-            for batch in loader.epoch(epoch, start_step=step - epoch * steps_per_epoch):
-                if step >= total_steps:
-                    break
-                state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
-                history.append(metrics)
-                step += 1
-                steps_in_interval += 1
+            offset = step - epoch * steps_per_epoch
+            batches = loader.epoch_arrays(epoch, start_step=offset)  # the epoch's remaining batches, on the devices
+            first = 0
+            while offset + first < steps_per_epoch and step < total_steps:
+                # The first call trains one step (it includes compilation: kept out of images/s), later ones every
+                # step up to the next log / checkpoint / evaluation point, in one compiled call.
+                count = 1 if step == start_step else steps_to_boundary(step)
+                state, sums = train_steps(state, batches, first, count, base_key, step)
+                history.append((sums, count))
+                step += count
+                first += count
+                steps_in_interval += count
                 if step == start_step + 1:  # the first step includes compilation: keep it out of images/s
                     jax.block_until_ready(state.step)
                     t_interval, steps_in_interval = time.perf_counter(), 0
                     progress.reset_clock()
                 end_of_epoch = step % steps_per_epoch == 0
-                # Also at checkpoint steps (exact every_steps) and right after a SIGTERM/SIGINT (stop after this step).
-                if (step % log_every == 0 or step == total_steps or end_of_epoch or rundir.stop_requested
-                        or checkpointer.save_due(step, end_of_epoch)):
+                # Also at checkpoint steps (exact every_steps) and right after a SIGTERM/SIGINT (stop after this call).
+                if is_boundary(step) or rundir.stop_requested:
                     mean = _mean_metrics(history)
                     history.clear()
                     now = time.perf_counter()

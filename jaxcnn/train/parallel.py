@@ -57,6 +57,7 @@ from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxcnn.config import ConfigError, ParallelConfig
+from jaxcnn.data.pipeline import stacked_sharding, take_batch
 
 DATA_AXIS = "data"  # the jit strategy's mesh axis
 BATCH_AXIS = "batch"  # the pmap / shard_map axis name (BatchNorm's axis_name)
@@ -390,6 +391,67 @@ class Strategy:
                     mapped, in_shardings=(rep, self.batch_sharding, rep), out_shardings=(rep, rep), donate_argnums=0
                 )
         return self._checked(compiled, self.global_batch_size, "the train batch")
+
+    def compile_train_steps(self, train_step: Callable) -> Callable:
+        """`train_steps(state, batches, first, count, rng, step0) -> (state, metric_sums)`: `count` steps per call.
+
+        The loop `jaxcnn train` runs (jaxcnn.train.step.make_multi_step): batches are an epoch's stacked global
+        batches [S, B, ...] as `DeviceEpochLoader.epoch_arrays` puts them (batch axis on `batch_sharding`); step i
+        trains on batches[first + i] with ``fold_in(rng, step0 + i)``, exactly as `count` calls of
+        `compile_train_step`'s function would, to float rounding. single / jit / shard_map compile the whole loop
+        (the state donated); pmap calls its per-step function `count` times (jax.pmap is in maintenance mode: use
+        jit or shard_map for speed). Raises ValueError, before compiling, for a count outside [1, S - first].
+        """
+        from jaxcnn.train.step import make_multi_step
+
+        rep = self._replicated
+        stacked = stacked_sharding(self.batch_sharding)
+        if self.name == "single":
+            compiled = jax.jit(make_multi_step(train_step), donate_argnums=0)
+        elif self.name == "jit":
+            compiled = jax.jit(make_multi_step(train_step), in_shardings=(rep, stacked, rep, rep, rep, rep),
+                               out_shardings=(rep, rep), donate_argnums=0)
+        elif self.name == "shard_map":
+            mapped = _shard_map(make_multi_step(_per_device_train_step(train_step, BATCH_AXIS)), mesh=self.mesh,
+                                in_specs=(P(), P(None, BATCH_AXIS), P(), P(), P(), P()), out_specs=(P(), P()))
+            compiled = jax.jit(mapped, in_shardings=(rep, stacked, rep, rep, rep, rep), out_shardings=(rep, rep),
+                               donate_argnums=0)
+        else:
+            compiled = self._per_step_loop(self.compile_train_step(train_step))
+        b = self.global_batch_size
+
+        def run(state: Any, batches: Mapping[str, jax.Array], first: int, count: int, rng: jax.Array,
+                step0: int) -> Any:
+            sizes = {k: tuple(np.shape(v)[:2]) for k, v in batches.items()}
+            if len(set(sizes.values())) != 1 or any(len(v) != 2 for v in sizes.values()):
+                raise ValueError(f"train_steps: batches must be stacked [steps, batch, ...] arrays that agree on "
+                                 f"both, got leading shapes {sizes}")
+            s, got = next(iter(sizes.values()))
+            if got != b:
+                raise ValueError(f"train_steps: the stacked batches hold batches of {got} examples but the strategy "
+                                 f"was made for global batches of {b}")
+            if not (0 <= int(first) and 1 <= int(count) and int(first) + int(count) <= s):
+                raise ValueError(f"train_steps: first={first}, count={count} must satisfy 0 <= first, 1 <= count "
+                                 f"and first + count <= {s} (the stacked batches)")
+            return compiled(state, batches, int(first), int(count), rng, int(step0))
+
+        run.__wrapped__ = compiled  # type: ignore[attr-defined]
+        return run
+
+    @staticmethod
+    def _per_step_loop(train_step: Callable) -> Callable:
+        """make_multi_step's contract as a Python loop over a per-step function (the pmap strategy)."""
+
+        def run(state: Any, batches: Mapping[str, jax.Array], first: int, count: int, rng: jax.Array,
+                step0: int) -> Any:
+            sums = None
+            for i in range(count):
+                batch = take_batch(batches, first + i)
+                state, metrics = train_step(state, batch, jax.random.fold_in(rng, step0 + i))
+                sums = metrics if sums is None else jax.tree_util.tree_map(jax.numpy.add, sums, metrics)
+            return state, sums
+
+        return run
 
     def compile_eval_step(self, eval_step: Callable) -> Callable:
         """`eval_step(state, batch) -> metric sums` compiled for this strategy (sums over all devices).
