@@ -148,7 +148,7 @@ def make_train_step(opts: StepOptions, axis_name: str | None = None) -> Callable
                                  ema_params=ema_params)
 
         if opts.check_finite:
-            new_state = _guard_nonfinite(state, updated, loss, grads)
+            new_state = _guard_nonfinite(state, updated, loss, grads, grad_norm)
         else:
             new_state = updated()
         metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm}
@@ -194,14 +194,26 @@ def make_multi_step(train_step: Callable[[TrainState, Batch, jax.Array], tuple[T
     return train_steps
 
 
-def _guard_nonfinite(old: TrainState, updated: Callable[[], TrainState], loss: jax.Array, grads: Any) -> TrainState:
+def _guard_nonfinite(old: TrainState, updated: Callable[[], TrainState], loss: jax.Array, grads: Any,
+                     grad_norm: jax.Array) -> TrainState:
     """`updated()` when the loss and every gradient are finite, else `old` (recording the step and the first bad
-    quantity in `first_nonfinite`; once recorded, the state stays `old`)."""
-    leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
-    loss_ok = jnp.isfinite(loss)
-    ok = loss_ok & jnp.all(leaf_ok)
+    quantity in `first_nonfinite`; once recorded, the state stays `old`).
+
+    grad_norm: the global norm of `grads`. When it and the loss are finite, every gradient is (a NaN or inf element
+    makes the sum of squares NaN or inf), so the per-leaf checks run only when one of them is not: after a
+    non-finite value, or when a finite gradient's squares overflow float32 (the exact check then says finite).
+    """
+    leaves = jax.tree_util.tree_leaves(grads)
+
+    def exact_check() -> tuple[jax.Array, jax.Array]:
+        leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves])
+        loss_ok = jnp.isfinite(loss)
+        what = jnp.where(loss_ok, jnp.argmin(leaf_ok) + 1, 0).astype(jnp.int32)
+        return loss_ok & jnp.all(leaf_ok), what
+
+    surely_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    ok, what = lax.cond(surely_ok, lambda: (jnp.bool_(True), jnp.int32(0)), exact_check)
     already_bad = old.first_nonfinite[0] >= 0
-    what = jnp.where(loss_ok, jnp.argmin(leaf_ok) + 1, 0).astype(jnp.int32)
     record = jnp.where(ok | already_bad, old.first_nonfinite, jnp.stack([old.step, what]).astype(jnp.int32))
     keep_new = ok & ~already_bad
     # One conditional over the whole state, not a select per leaf: per-leaf selects that wait on every leaf's

@@ -98,3 +98,34 @@ def test_nonfinite_step_keeps_the_last_finite_state(mnist_dir):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
     # Once recorded, the state no longer changes.
     assert int(state.step) == int(prev.step) == bad_step
+
+
+@pytest.mark.parametrize(
+    "loss, bad_leaf, value, accepted, what",
+    [
+        (1.0, None, None, True, None),  # all finite
+        (1.0, None, 1e30, True, None),  # finite gradients whose squares overflow float32: still finite, accepted
+        (1.0, 1, np.nan, False, 2),  # a NaN in the second leaf (flatten order) is recorded as quantity 2
+        (1.0, 0, -np.inf, False, 1),
+        (np.inf, None, None, False, 0),  # the loss itself
+    ],
+)
+def test_nonfinite_guard_decides_from_the_values(loss, bad_leaf, value, accepted, what):
+    from jaxcnn.train.step import _guard_nonfinite
+
+    model = create_model("mlp", num_classes=10, hidden=(4,))
+    state = _state(model)
+    grads = jax.tree_util.tree_map(jnp.ones_like, state.params)
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    if value is not None:
+        targets = range(len(leaves)) if bad_leaf is None else [bad_leaf]
+        for k in targets:
+            leaves[k] = leaves[k].reshape(-1).at[0].set(value).reshape(leaves[k].shape)
+    grads = jax.tree_util.tree_unflatten(treedef, leaves)
+    grad_norm = optax.tree.norm(grads)
+    if value == 1e30:
+        assert not np.isfinite(float(grad_norm))  # the fast check alone would have refused it
+    out = jax.jit(lambda s, g, n: _guard_nonfinite(s, lambda: s.replace(step=s.step + 1), jnp.float32(loss), g, n))(
+        state, grads, grad_norm)
+    assert int(out.step) == (1 if accepted else 0)
+    assert tuple(int(v) for v in out.first_nonfinite) == ((-1, -1) if accepted else (0, what))
