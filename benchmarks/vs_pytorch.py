@@ -16,12 +16,12 @@ PyTorch trains `--steps` steps, so both see the same machine load. Printed: the 
 ratio of the medians and the median of the per-round ratios. PyTorch is optional (`pip install torch==2.13.0`);
 without it only the jaxcnn figures are printed.
 
-PyTorch runs in a child process of its own, driven round by round from here, so that it gets the C library's
-malloc settings a plain PyTorch script gets. jaxcnn changes glibc's (jaxcnn/train/host_malloc.py: the memory of
-each step stays mapped), which would otherwise speed up PyTorch as well. `--torch-malloc` chooses:
-'default' (glibc's defaults, how PyTorch runs for its users), 'jaxcnn' (jaxcnn's settings applied in PyTorch's
-process too, before it imports torch), or 'both' (two PyTorch processes, both timed in every round; the ratio
-is against 'default', and the 'jaxcnn' figure is printed beside it).
+PyTorch runs in a child process of its own, driven round by round from here, so that its allocator state is its
+own. Both sides run with glibc's default malloc settings, as each library runs for its users. `--torch-malloc`
+chooses: 'default' (glibc's defaults), 'jaxcnn' (jaxcnn.train.host_malloc's opt-in settings applied in
+PyTorch's process, before it imports torch; they speed up PyTorch's larger nets too), or 'both' (two PyTorch
+processes, both timed in every round; the ratio is against 'default', and the 'jaxcnn' figure is printed
+beside it).
 """
 
 from __future__ import annotations
@@ -96,9 +96,10 @@ def _torch_worker(conn: Any, name: str, batch_size: int, channels_last: bool, ma
     """The child process: builds a TorchTrainer, then trains `n` steps for every `n` received; None ends it."""
     try:
         if malloc == "jaxcnn":
-            from jaxcnn.train.host_malloc import configure_host_malloc
+            from jaxcnn.train.host_malloc import ENV_SWITCH, configure_host_malloc
 
-            configure_host_malloc()  # before torch starts its threads, as jaxcnn does before JAX
+            os.environ[ENV_SWITCH] = "1"
+            configure_host_malloc()  # before torch starts its threads
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side after compilation")
     parser.add_argument("--torch-layout", default="nchw", choices=("nchw", "channels_last"),
                         help="PyTorch memory format (nchw: PyTorch's default)")
-    parser.add_argument("--torch-malloc", default="both", choices=tuple(TORCH_MALLOCS),
+    parser.add_argument("--torch-malloc", default="default", choices=tuple(TORCH_MALLOCS),
                         help="glibc malloc settings of the PyTorch process (see above); the ratio is against "
                              "'default' when it runs")
     parser.add_argument("--no-torch", action="store_true", help="time jaxcnn only")

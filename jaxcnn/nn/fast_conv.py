@@ -209,6 +209,29 @@ def _conv_fast_bwd(strides, padding, dilation, groups, residuals, dy):
 _conv_fast.defvjp(_conv_fast_fwd, _conv_fast_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _one_channel_onednn(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,
+                        dilation: tuple[int, int], geometry: onednn.Geometry) -> jax.Array:
+    """A one-channel input's convolution: the forward pass as `_conv_one_channel`, the gradients by oneDNN.
+
+    The fused multiply-adds beat oneDNN's forward kernel for one input channel (128x32x32x1 -> 6 channels, 5x5:
+    0.67 against 0.77 ms alone; LeNet-5's step 3-9% faster in an in-process A/B); oneDNN's gradients stay.
+    """
+    return _conv_one_channel(x, kernel, strides, padding, dilation)
+
+
+def _one_channel_onednn_fwd(x, kernel, strides, padding, dilation, geometry):
+    return _conv_one_channel(x, kernel, strides, padding, dilation), (x, kernel)
+
+
+def _one_channel_onednn_bwd(strides, padding, dilation, geometry, residuals, dy):
+    x, kernel = residuals
+    return jax.vjp(lambda a, b: onednn.conv2d(a, b, geometry), x, kernel)[1](dy)
+
+
+_one_channel_onednn.defvjp(_one_channel_onednn_fwd, _one_channel_onednn_bwd)
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding: Pairs,
            dilation: tuple[int, int], groups: int) -> jax.Array:
     """2-D cross-correlation, NHWC / HWIO, with the faster gradients described in the module docstring.
@@ -234,6 +257,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding
         geometry = onednn.Geometry(tuple(x.shape), tuple(kernel.shape), y_shape, strides, padding, dilation, groups,
                                    onednn.threads_per_device())
         if onednn.usable(geometry, x.dtype, kernel.dtype):
+            if groups == 1 and x.shape[3] == 1 and not _smaller_than_kernel(x.shape, kernel.shape, dilation):
+                return _one_channel_onednn(x, kernel, strides, padding, dilation, geometry)
             return onednn.conv2d(x, kernel, geometry)
     return _conv_fast(x, kernel, strides, padding, dilation, groups)
 

@@ -18,6 +18,7 @@ from jax import lax
 
 from jaxcnn.nn import fast_norm
 from jaxcnn.nn import functional as F
+from jaxcnn.nn.reductions import add_bias
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -108,7 +109,7 @@ class Conv2d(nn.Module):
         except ValueError as error:
             raise ValueError(f"{label}: {error}") from None
         if bias is not None:
-            y = y + bias
+            y = add_bias(y, bias)  # y + bias; its gradient is a vectorised per-channel sum (nn/reductions.py)
         return y
 
 

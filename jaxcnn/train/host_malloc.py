@@ -1,12 +1,12 @@
-"""glibc malloc settings that keep the memory of XLA's CPU steps mapped from one step to the next.
+"""Opt-in glibc malloc settings that keep the memory of XLA's CPU executions mapped from one call to the next.
 
-    from jaxcnn.train.host_malloc import configure_host_malloc
-    configure_host_malloc()      # before JAX starts its CPU backend (configure_xla_cpu() calls it)
+    JAXCNN_HOST_MALLOC=1 python my_per_step_loop.py      # or, in the process, before JAX starts its backend:
+    os.environ["JAXCNN_HOST_MALLOC"] = "1"; configure_host_malloc()   # (configure_xla_cpu() calls it)
 
 Why: on the CPU, XLA allocates each execution's temporary buffer (every activation the backward pass keeps:
 285 MB for a CIFAR ResNet-20 step at batch 128) with `posix_memalign` from one of its worker threads, and frees
-it when the step ends. With glibc's defaults a block that size is `mmap`ed fresh and `munmap`ed again, so
-every step touches 70,000 new pages, each a page fault that the kernel zero-fills: 150 ms of kernel time in
+it when the execution ends. With glibc's defaults a block that size is `mmap`ed fresh and `munmap`ed again, so
+every call touches 70,000 new pages, each a page fault that the kernel zero-fills: 150 ms of kernel time in
 a 480 ms step on the 2-core benchmark machine (`getrusage` minor faults, `strace`; benchmarks/README.md).
 Three settings keep that memory in the process and reuse it:
 
@@ -16,15 +16,17 @@ Three settings keep that memory in the process and reuse it:
 - ``M_TRIM_THRESHOLD = 2 GiB``: freed memory at the top of the heap stays mapped unless more than 2 GiB of it
   is free at once.
 
-Measured on the same machine, in the same hour: ResNet-20 train step 330 -> 450-511 images/s, the fast
-Fashion-MNIST recipe's step 4,400 -> 5,300 images/s. The costs: the process keeps its high-water mark of heap
-memory instead of returning it to the system (what a training process wants), and the single arena makes
-steps of a few milliseconds, built from many small allocations on several threads, slower: the MLP about 20%,
-LeNet-5 about 10% (median of 4 alternations each). Set `JAXCNN_HOST_MALLOC=0` for such studies.
+**Off by default.** `jaxcnn train` runs many steps per compiled call (`Strategy.compile_train_steps`), so the
+buffer is allocated once per call of ~50 steps instead of once per step and the faults cost about 1%; the
+single arena, on the other hand, slows every allocation-heavy thread (measured with the multi-step loop, glibc's
+defaults against these settings, alternating processes: the fast Fashion-MNIST recipe's net 7,400-8,000 against
+6,200-6,500 images/s, LeNet-5 +15%, ResNet-20 the same). They pay where one step runs per call, e.g. a
+hand-written loop over `compile_train_step` (ResNet-20 330 -> 450-511 images/s, per-step calls): set
+`JAXCNN_HOST_MALLOC=1` there.
 
 Threads choose their arena at their first allocation, so this must run before JAX starts its backend (and
 its thread pools); later, it is too late for XLA's worker threads (`configure_xla_cpu` warns). It changes
-nothing when `JAXCNN_HOST_MALLOC=0`, when `GLIBC_TUNABLES` already sets any ``glibc.malloc.*`` tunable (the
+nothing unless `JAXCNN_HOST_MALLOC=1`, when `GLIBC_TUNABLES` already sets any ``glibc.malloc.*`` tunable (the
 user's choice wins), or on a C library without glibc's `mallopt` (macOS, musl).
 """
 
@@ -63,8 +65,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 def skip_reason() -> str | None:
     """Why `configure_host_malloc` would change nothing here, or None when it applies its settings."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off", "default"):
-        return f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+    if os.environ.get(ENV_SWITCH, "0").strip().lower() not in ("1", "true", "yes", "on"):
+        return f"{ENV_SWITCH} is not 1 (the settings are opt-in)"
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES already sets glibc.malloc tunables"
     if _glibc() is None:

@@ -10,9 +10,9 @@ XLA reads `XLA_FLAGS` once, when JAX creates its first backend (the first array,
 A flag the user already put in `XLA_FLAGS` is never overridden, so any default below can be switched off from
 the environment (e.g. `XLA_FLAGS=--xla_cpu_use_thunk_runtime=true`).
 
-The same call applies `jaxcnn.train.host_malloc.configure_host_malloc()` (glibc keeps each step's temporary
-memory mapped instead of page-faulting it in again every step; `JAXCNN_HOST_MALLOC=0` switches it off), which
-has the same deadline: before JAX starts its thread pools.
+The same call applies `jaxcnn.train.host_malloc.configure_host_malloc()` when `JAXCNN_HOST_MALLOC=1` (glibc
+keeps each execution's temporary memory mapped instead of page-faulting it in again every call; opt-in, for
+loops that run one step per call), which has the same deadline: before JAX starts its thread pools.
 """
 
 from __future__ import annotations

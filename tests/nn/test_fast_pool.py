@@ -86,3 +86,27 @@ def test_integer_and_bfloat16_inputs():
     xb = x.astype(jnp.bfloat16)
     dx = jax.grad(lambda v: jnp.sum(fast_pool.max_pool_tiled(v, (2, 2)).astype(jnp.float32)))(xb)
     assert dx.dtype == jnp.bfloat16 and float(dx.sum()) == 8.0
+
+
+def test_windows_of_more_than_127_elements_keep_their_choice_exactly():
+    """The kept choice is int8 up to 127 window elements and int32 beyond (a 12x12 global pool has 144)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 12, 12, 3)).astype(np.float32))
+    g = jnp.asarray(rng.standard_normal((2, 1, 1, 3)).astype(np.float32))
+    dx = jax.grad(lambda v: jnp.sum(fast_pool.max_pool_tiled(v, (12, 12)) * g))(x)
+    np.testing.assert_array_equal(np.asarray(dx), numpy_max_pool_grad(x, (12, 12), g))
+    assert fast_pool._choice_dtype((12, 12)) == jnp.int32 and fast_pool._choice_dtype((2, 2)) == jnp.int8
+
+
+def test_second_order_derivatives_match_xla():
+    """Forward-over-reverse through the custom VJP (a Hessian-vector product) equals XLA's own."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 2)).astype(np.float32))
+    v = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
+
+    def hvp(pool):
+        f = lambda u: jnp.sum(jnp.square(pool(jnp.sin(u))))  # noqa: E731
+        return jax.jvp(jax.grad(f), (x,), (v,))[1]
+
+    np.testing.assert_allclose(np.asarray(hvp(lambda u: fast_pool.max_pool_tiled(u, (2, 2)))),
+                               np.asarray(hvp(lambda u: plain_max_pool(u, (2, 2)))), rtol=1e-5, atol=1e-6)
