@@ -105,7 +105,8 @@ class TrainConfig:
     log_every_steps: int = 50
     eval_every_epochs: int = 1  # 0 = only at the end
     # Train steps per compiled call (one lax.fori_loop over the epoch's device-resident batches): 0 = every step up
-    # to the next log, checkpoint or evaluation point in one call; n >= 1 = at most n. The same updates either way.
+    # to the next log, checkpoint or evaluation point in one call; n >= 1 = at most n. The same updates either way;
+    # a SIGTERM/SIGINT is honoured (checkpoint, exit) when the current call returns.
     steps_per_call: int = 0
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     progress: bool = True  # the console progress bar

@@ -8,6 +8,8 @@
     state = strategy.place_state(state)                  # replicated on every device
     loader = DeviceEpochLoader(ds, batch_size, seed=0, sharding=strategy.batch_sharding)
     state, metrics = train_step(state, batch, rng)       # metrics: scalars, the same on every device
+    train_steps = strategy.compile_train_steps(make_train_step(...))   # several steps per call (jaxcnn train):
+    state, sums = train_steps(state, loader.epoch_arrays(epoch), first, count, base_rng, step0)
     host_state = strategy.unreplicate(state)             # numpy, the same for every strategy (checkpoints, logs)
 
 The strategies (`parallel.strategy`) compute the same thing, to float rounding (tests/train/test_parallel.py):
