@@ -11,6 +11,9 @@ biases and parameter count as its jaxcnn model, so one training step does the sa
 - ``mlp``: 784-300-100-10 with ReLU: 266,610 parameters (jaxcnn's ``mlp``).
 - ``vgg11``: VGG-11 with BatchNorm (conv biases kept, as torchvision's) and a CIFAR head (global average pool,
   linear), jaxcnn's ``create_model('vgg11_bn', head='gap', head_hidden=(), dropout=0.0)``.
+- ``resnet18`` / ``resnet50``: the ImageNet ResNets as torchvision builds them (7x7 stride-2 stem, 3x3 max pool,
+  basic / bottleneck blocks with the stride on the 3x3 conv, projection shortcuts with BatchNorm, global average
+  pool, linear): 11,689,512 / 25,557,032 parameters at 1000 classes (jaxcnn's ``resnet18`` / ``resnet50``).
 
 Inputs are NCHW float tensors (PyTorch's default layout); `make_torch_model(name, channels_last=True)` converts the
 model to NHWC memory (``torch.channels_last``), the layout jaxcnn uses.
@@ -126,12 +129,62 @@ class VGG(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
+class _ImageNetBlock(nn.Module):
+    """torchvision's BasicBlock (bottleneck=False) or Bottleneck (v1.5: the stride on the 3x3 conv)."""
+
+    def __init__(self, cin: int, width: int, stride: int, bottleneck: bool) -> None:
+        super().__init__()
+        cout = width * 4 if bottleneck else width
+        if bottleneck:
+            convs = [nn.Conv2d(cin, width, 1, bias=False), nn.Conv2d(width, width, 3, stride, 1, bias=False),
+                     nn.Conv2d(width, cout, 1, bias=False)]
+        else:
+            convs = [nn.Conv2d(cin, width, 3, stride, 1, bias=False), nn.Conv2d(width, width, 3, 1, 1, bias=False)]
+        self.convs = nn.ModuleList(convs)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c.out_channels, eps=BN_EPS, momentum=BN_MOMENTUM) for c in convs)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout, eps=BN_EPS, momentum=BN_MOMENTUM))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            y = bn(conv(y))
+            if i < len(self.convs) - 1:
+                y = F.relu(y)
+        return F.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ImageNetResNet(nn.Module):
+    """torchvision-style ResNet. x: [N, 3, H, W] -> logits [N, num_classes]."""
+
+    def __init__(self, stage_sizes: tuple[int, ...], bottleneck: bool, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.stem_bn = nn.BatchNorm2d(64, eps=BN_EPS, momentum=BN_MOMENTUM)
+        blocks, cin = [], 64
+        for i, size in enumerate(stage_sizes):
+            width = 64 * 2**i
+            for j in range(size):
+                blocks.append(_ImageNetBlock(cin, width, 2 if (i > 0 and j == 0) else 1, bottleneck))
+                cin = width * 4 if bottleneck else width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.stem_bn(self.stem(x))), 3, 2, 1)
+        return self.fc(self.blocks(x).mean(dim=(2, 3)))
+
+
 TORCH_MODELS = {
     "resnet20": lambda num_classes: CifarResNet(3, num_classes),
     "resnet56": lambda num_classes: CifarResNet(9, num_classes),
     "lenet5": LeNet5,
     "mlp": lambda num_classes: MLP(num_classes=num_classes),
     "vgg11": lambda num_classes: VGG(num_classes=num_classes),
+    "resnet18": lambda num_classes: ImageNetResNet((2, 2, 2, 2), False, num_classes),
+    "resnet50": lambda num_classes: ImageNetResNet((3, 4, 6, 3), True, num_classes),
 }
 
 

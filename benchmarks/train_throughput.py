@@ -36,8 +36,8 @@ BENCH_MODELS: dict[str, tuple[str, dict[str, Any], tuple[int, int, int]]] = {
     "lenet5": ("lenet5", {}, (28, 28, 1)),
     "mlp": ("mlp", {}, (28, 28, 1)),
     "vgg11": ("vgg11_bn", {"head": "gap", "head_hidden": (), "dropout": 0.0}, (32, 32, 3)),
-    "resnet18": ("resnet18", {}, (224, 224, 3)),
-    "resnet50": ("resnet50", {}, (224, 224, 3)),
+    "resnet18": ("resnet18", {"num_classes": 1000}, (224, 224, 3)),  # ImageNet heads, as torchvision's
+    "resnet50": ("resnet50", {"num_classes": 1000}, (224, 224, 3)),
 }
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4

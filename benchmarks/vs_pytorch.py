@@ -3,6 +3,7 @@
     python benchmarks/vs_pytorch.py                                   # resnet20, lenet5, mlp, vgg11 at batch 128
     python benchmarks/vs_pytorch.py --models resnet20 --steps 10 --rounds 7
     python benchmarks/vs_pytorch.py --models resnet20 --torch-layout channels_last
+    python benchmarks/vs_pytorch.py --models resnet18,resnet50,resnet20 --dtype bfloat16 --batch 256   # on a GPU
 
 Both sides train the same network (benchmarks/torch_models.py holds the PyTorch twins, with jaxcnn's widths,
 paddings, biases and BatchNorm settings) with the same batch, float32, softmax cross-entropy, and SGD with
@@ -43,44 +44,53 @@ DEFAULT_MODELS = ("resnet20", "lenet5", "mlp", "vgg11")
 
 
 class TorchTrainer:
-    """The PyTorch twin of a benchmark model with its optimizer and uint8 batches; `run(n)` trains n steps."""
+    """The PyTorch twin of a benchmark model with its optimizer and uint8 batches; `run(n)` trains n steps.
+
+    dtype 'bfloat16' runs the step under `torch.autocast` (bfloat16 compute, float32 parameters), as jaxcnn's
+    `dtype='bfloat16'` models do; device: 'cpu' or 'cuda'.
+    """
 
     def __init__(self, name: str, batch_size: int, *, channels_last: bool = False, seed: int = 0,
-                 num_batches: int = 4) -> None:
+                 num_batches: int = 4, image_size: int = 224, dtype: str = "float32", device: str = "cpu") -> None:
         import numpy as np
         import torch
 
         from torch_models import make_torch_model, param_count
 
         torch.manual_seed(seed)
-        _, knobs, (h, w, c) = bench_spec(name)
+        _, knobs, (h, w, c) = bench_spec(name, image_size)
         self.torch = torch
-        self.model = make_torch_model(name, knobs["num_classes"], channels_last=channels_last)
+        self.device = torch.device(device)
+        self.autocast = dtype == "bfloat16"
+        self.model = make_torch_model(name, knobs["num_classes"], channels_last=channels_last).to(self.device)
         self.params = param_count(self.model)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
                                    weight_decay=WEIGHT_DECAY)
         self.loss = torch.nn.CrossEntropyLoss()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.mean = torch.full((1, c, 1, 1), 127.5 / 255.0)
-        self.std = torch.full((1, c, 1, 1), 64.0 / 255.0)
+        self.mean = torch.full((1, c, 1, 1), 127.5 / 255.0, device=self.device)
+        self.std = torch.full((1, c, 1, 1), 64.0 / 255.0, device=self.device)
         rng = np.random.default_rng(seed)
         self.batches = []
         for _ in range(num_batches):
             images = torch.from_numpy(rng.integers(0, 256, (batch_size, c, h, w), dtype=np.uint8))
             labels = torch.from_numpy(rng.integers(0, knobs["num_classes"], batch_size).astype(np.int64))
-            self.batches.append((images.contiguous(memory_format=self.memory_format), labels))
+            self.batches.append((images.contiguous(memory_format=self.memory_format).to(self.device),
+                                 labels.to(self.device)))
         self.step = 0
 
     def run(self, steps: int) -> None:
+        torch = self.torch
         for _ in range(steps):
             images, labels = self.batches[self.step % len(self.batches)]
             x = ((images.float() / 255.0 - self.mean) / self.std).contiguous(memory_format=self.memory_format)
             self.opt.zero_grad(set_to_none=True)
-            loss = self.loss(self.model(x), labels)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.loss(self.model(x), labels)
             loss.backward()
             self.opt.step()
             self.step += 1
-        loss.item()
+        loss.item()  # waits for the device
 
 
 def torch_available() -> str | None:
@@ -92,7 +102,8 @@ def torch_available() -> str | None:
     return None
 
 
-def _torch_worker(conn: Any, name: str, batch_size: int, channels_last: bool, malloc: str) -> None:
+def _torch_worker(conn: Any, name: str, batch_size: int, channels_last: bool, malloc: str,
+                  options: dict[str, Any]) -> None:
     """The child process: builds a TorchTrainer, then trains `n` steps for every `n` received; None ends it."""
     try:
         if malloc == "jaxcnn":
@@ -103,7 +114,7 @@ def _torch_worker(conn: Any, name: str, batch_size: int, channels_last: bool, ma
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        trainer = TorchTrainer(name, batch_size, channels_last=channels_last)
+        trainer = TorchTrainer(name, batch_size, channels_last=channels_last, **options)
         conn.send(("ready", {"params": trainer.params, "version": torch.__version__,
                              "threads": torch.get_num_threads()}))
     except Exception as error:  # the parent raises it with the child's message
@@ -118,12 +129,13 @@ class TorchProcess:
     """A TorchTrainer in a child process (its own malloc settings, see the module docstring); `run(n)` waits for
     n steps there. malloc: 'default' (glibc's) or 'jaxcnn' (jaxcnn.train.host_malloc's)."""
 
-    def __init__(self, name: str, batch_size: int, *, channels_last: bool = False, malloc: str = "default") -> None:
+    def __init__(self, name: str, batch_size: int, *, channels_last: bool = False, malloc: str = "default",
+                 **options: Any) -> None:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX, no inherited allocator state
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_torch_worker, args=(child, name, batch_size, channels_last, malloc),
+        self.process = ctx.Process(target=_torch_worker, args=(child, name, batch_size, channels_last, malloc, options),
                                    daemon=True)
         self.process.start()
         kind, info = self.conn.recv()
@@ -142,16 +154,21 @@ class TorchProcess:
 
 
 def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, torch_layout: str,
-            torch_mallocs: tuple[str, ...]) -> dict[str, Any]:
+            torch_mallocs: tuple[str, ...], *, image_size: int = 224, dtype: str = "float32",
+            torch_device: str = "cpu") -> dict[str, Any]:
     """Trains `name` with jaxcnn and with PyTorch (one child process per entry of `torch_mallocs`, none when
-    empty) alternately; returns the per-round images/s of each side, keyed 'jax' and 'torch/<malloc>'."""
-    jax_trainer = make_jax_trainer(name, batch_size)
+    empty) alternately; returns the per-round images/s of each side, keyed 'jax' and 'torch/<malloc>'.
+
+    image_size applies to the ImageNet nets (resnet18, resnet50); dtype 'bfloat16' = bfloat16 compute with float32
+    parameters on both sides."""
+    jax_trainer = make_jax_trainer(name, batch_size, dtype=dtype, image_size=image_size)
     jax_trainer.run(warmup)
     sides: dict[str, Any] = {"jax": jax_trainer}
     try:
         for malloc in torch_mallocs:
             sides[f"torch/{malloc}"] = TorchProcess(name, batch_size, channels_last=torch_layout == "channels_last",
-                                                    malloc=malloc)
+                                                    malloc=malloc, image_size=image_size, dtype=dtype,
+                                                    device=torch_device)
             sides[f"torch/{malloc}"].run(warmup)
         rates: dict[str, list[float]] = {key: [] for key in sides}
         for _ in range(rounds):
@@ -165,22 +182,58 @@ def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, to
                 trainer.close()
     torch_params = {sides[k].params for k in sides if k != "jax"}
     return {"rates": rates, "compile_s": jax_trainer.compile_s, "jax_params": jax_trainer.params,
+            "train_flops": train_flops_per_image(name, image_size),
             "torch_params": torch_params.pop() if len(torch_params) == 1 else None,
             "torch_version": next((sides[k].version for k in sides if k != "jax"), None)}
+
+
+# Dense bfloat16 peak TFLOP/s by device kind (vendor figures, no sparsity), for MFU; --peak-tflops overrides.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0, "TPU v5e": 197.0,
+                    "TPU v5p": 459.0}
+
+
+def train_flops_per_image(name: str, image_size: int) -> float:
+    """3 x the forward pass's conv/dense FLOPs (jaxcnn.analysis.summary): forward, input and weight gradients."""
+    from jaxcnn.analysis.summary import summary
+    from jaxcnn.models import create_model
+
+    registry_name, knobs, shape = bench_spec(name, image_size)
+    return 3.0 * summary(create_model(registry_name, **knobs), (1, *shape), xla=False).total_flops
+
+
+def peak_tflops(given: float | None) -> float | None:
+    """--peak-tflops, else the table's figure for jax's first device kind, else None (MFU not printed)."""
+    if given:
+        return given
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in kind.lower()), None)
 
 
 TORCH_MALLOCS = {"default": ("default",), "jaxcnn": ("jaxcnn",), "both": ("default", "jaxcnn")}
 
 
+DEFAULT_STEPS = {"resnet20": 10, "resnet56": 5, "vgg11": 5, "lenet5": 50, "mlp": 50, "resnet18": 5, "resnet50": 5}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help=f"comma-separated, from {', '.join(m for m in BENCH_MODELS if m in ('resnet20', 'resnet56', 'lenet5', 'mlp', 'vgg11'))}")
+                        help=f"comma-separated, from {', '.join(DEFAULT_STEPS)}")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None,
-                        help="steps per timed round (default: 5 for vgg11/resnet56, 10 for resnet20, 50 for lenet5/mlp)")
+                        help="steps per timed round (default: 5 for vgg11/resnet56/resnet18/resnet50, 10 for "
+                             "resnet20, 50 for lenet5/mlp)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side; medians are reported")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side after compilation")
+    parser.add_argument("--image-size", type=int, default=224, help="input size of resnet18 / resnet50")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype on both sides (bfloat16: float32 parameters, torch.autocast)")
+    parser.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda when jax runs on a GPU and PyTorch sees one, else cpu")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for MFU (default: a table of bfloat16 peaks by device kind)")
     parser.add_argument("--torch-layout", default="nchw", choices=("nchw", "channels_last"),
                         help="PyTorch memory format (nchw: PyTorch's default)")
     parser.add_argument("--torch-malloc", default="default", choices=tuple(TORCH_MALLOCS),
@@ -188,35 +241,49 @@ def main(argv: list[str] | None = None) -> int:
                              "'default' when it runs")
     parser.add_argument("--no-torch", action="store_true", help="time jaxcnn only")
     args = parser.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    for name in names:
+        if name not in DEFAULT_STEPS:
+            parser.error(f"--models: unknown model {name!r}; choose from {', '.join(DEFAULT_STEPS)}")
 
     from jaxcnn.train.xla_flags import configure_xla_cpu
 
-    configure_xla_cpu()  # XLA flags and host malloc settings, as `jaxcnn train` sets them
+    configure_xla_cpu()  # XLA flags, as `jaxcnn train` sets them
+    import jax
+
     missing = "--no-torch given" if args.no_torch else torch_available()
     mallocs = TORCH_MALLOCS[args.torch_malloc] if missing is None else ()
+    torch_device = args.torch_device
+    if torch_device == "auto":
+        torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    peak = peak_tflops(args.peak_tflops) if jax.default_backend() != "cpu" or args.peak_tflops else None
     print(machine_line())
     if missing is None:
-        print(f"PyTorch eager ({args.torch_layout}), {os.cpu_count() or 1} threads, in child processes with malloc "
-              f"settings: {', '.join(mallocs)}")
+        print(f"PyTorch eager ({args.torch_layout}) on {torch_device}, {os.cpu_count() or 1} CPU threads, in child "
+              f"processes with malloc settings: {', '.join(mallocs)}")
     else:
         print(f"PyTorch: unavailable ({missing})")
-    print(f"batch {args.batch}, float32, SGD-Nesterov + weight decay, {args.rounds} alternating rounds")
-    default_steps = {"resnet20": 10, "resnet56": 5, "vgg11": 5, "lenet5": 50, "mlp": 50}
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if name not in default_steps:
-            parser.error(f"--models: unknown model {name!r}; choose from {', '.join(default_steps)}")
-        steps = args.steps or default_steps[name]
-        r = compare(name, args.batch, steps, args.rounds, args.warmup, args.torch_layout, mallocs)
+    print(f"batch {args.batch}, {args.dtype} compute, SGD-Nesterov + weight decay, {args.rounds} alternating rounds"
+          + (f"; MFU against {peak:g} TFLOP/s" if peak else ""))
+    for name in names:
+        steps = args.steps or DEFAULT_STEPS[name]
+        r = compare(name, args.batch, steps, args.rounds, args.warmup, args.torch_layout, mallocs,
+                    image_size=args.image_size, dtype=args.dtype, torch_device=torch_device)
         jax_rates = r["rates"]["jax"]
         jax_median = statistics.median(jax_rates)
-        line = f"{name:9s} jaxcnn {jax_median:9,.1f} images/s (compile {r['compile_s']:.1f} s)"
+        line = f"{name:9s} jaxcnn {jax_median:9,.1f} images/s (compile {r['compile_s']:.1f} s"
+        if peak:
+            line += f", MFU {jax_median * r['train_flops'] / (peak * 1e12):.1%}"
+        line += ")"
         for malloc in mallocs:
             torch_rates = r["rates"][f"torch/{malloc}"]
             torch_median = statistics.median(torch_rates)
             per_round = statistics.median(j / t for j, t in zip(jax_rates, torch_rates))
             label = "PyTorch" if malloc == "default" else f"PyTorch ({malloc} malloc)"
-            line += (f" | {label} {torch_median:9,.1f} images/s | ratio {jax_median / torch_median:.2f}x "
-                     f"(median per-round ratio {per_round:.2f}x)")
+            line += f" | {label} {torch_median:9,.1f} images/s"
+            if peak:
+                line += f" (MFU {torch_median * r['train_flops'] / (peak * 1e12):.1%})"
+            line += f" | ratio {jax_median / torch_median:.2f}x (median per-round ratio {per_round:.2f}x)"
         if mallocs and r["jax_params"] != r["torch_params"]:
             line += f" | PARAMETER COUNTS DIFFER: jaxcnn {r['jax_params']:,}, PyTorch {r['torch_params']}"
         if r["torch_version"]:
