@@ -106,6 +106,28 @@ def test_second_and_mixed_derivatives_match_xla(strides, padding, dilation, grou
 
 
 @needs_onednn
+@pytest.mark.parametrize("strides, padding", [((1, 1), PAD1), ((2, 2), ((0, 0), (0, 0)))])
+def test_one_channel_inputs_fused_forward_and_onednn_derivatives(strides, padding):
+    """One input channel: the value from fast_conv's fused multiply-adds (no oneDNN call in the forward pass),
+    the gradients through oneDNN, and forward mode, Hessians and reverse-over-reverse as XLA's convolution."""
+    x, k = case(5, (2, 9, 8, 1), (5, 5, 1, 4))
+    conv = lambda a, b: fast(a, b, strides, padding)  # noqa: E731
+    ref = lambda a, b: plain(a, b, strides, padding)  # noqa: E731
+    np.testing.assert_allclose(conv(x, k), np_conv2d(np.asarray(x), np.asarray(k), strides, padding), rtol=1e-4,
+                               atol=1e-4)
+    assert not uses_onednn(conv, x, k)
+    loss = lambda f: lambda a, b: jnp.sum(jnp.tanh(f(a, b)) ** 2)  # noqa: E731
+    assert uses_onednn(jax.grad(loss(conv), argnums=1), x, k)
+    for got, want in zip(jax.grad(loss(conv), (0, 1))(x, k), jax.grad(loss(ref), (0, 1))(x, k)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    tangents = case(6, x.shape, k.shape)
+    np.testing.assert_allclose(jax.jvp(conv, (x, k), tangents)[1], jax.jvp(ref, (x, k), tangents)[1], rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose(jax.hessian(loss(conv), argnums=1)(x, k), jax.hessian(loss(ref), argnums=1)(x, k),
+                               rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
 def test_eager_jit_and_numpy_agree():
     x, k = case(3, (3, 10, 9, 6), (3, 3, 6, 7))
     want = np_conv2d(x, k, (2, 2), ((1, 0), (2, 1)), (1, 1), 1)
