@@ -122,6 +122,9 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
 
 def _train_in(cfg: Config, rundir: "ckpt_lib.RunDirectory", main: bool, t_start: float) -> dict[str, Any]:
     workdir = rundir.path
+    if cfg.train.steps_per_call < 0:
+        raise ConfigError(f"train.steps_per_call={cfg.train.steps_per_call}: use 0 (every step up to the next log, "
+                          "checkpoint or evaluation point in one call) or a positive cap")
     data = load_data(cfg)
     strategy = parallel.make_strategy(cfg.parallel, cfg.data.batch_size, accum_steps=cfg.optim.accum_steps)
     model = build_model(cfg, data.num_classes, strategy.model_overrides)
@@ -178,9 +181,6 @@ def _train_in(cfg: Config, rundir: "ckpt_lib.RunDirectory", main: bool, t_start:
     progress = Progress(total_steps, start_step, cfg.data.batch_size, enabled=main and cfg.train.progress)
     base_key = jax.random.PRNGKey(cfg.seed)
     log_every = max(1, cfg.train.log_every_steps)
-    if cfg.train.steps_per_call < 0:
-        raise ConfigError(f"train.steps_per_call={cfg.train.steps_per_call}: use 0 (every step up to the next log, "
-                          "checkpoint or evaluation point in one call) or a positive cap")
 
     def is_boundary(s: int) -> bool:
         """Whether the loop logs (and may checkpoint / evaluate) after step s."""

@@ -241,3 +241,27 @@ def test_resume_onto_another_device_count(tmp_path, mnist_dir, monkeypatch):
         ref, got = leaves_of(tmp_path / "one_go", 30), leaves_of(workdir, 30)
         for k in ref:
             np.testing.assert_allclose(got[k], ref[k], rtol=2e-3, atol=2e-4, err_msg=k)
+
+
+@pytest.mark.slow
+def test_steps_per_call_changes_nothing_but_the_calls(tmp_path, mnist_dir):
+    """One step per call (log every step) and several per call (up to the log / checkpoint / epoch points, capped
+    at 7) train the same state bit for bit: the loop body is one compiled computation whatever the count."""
+    from jaxcnn.train.loop import train
+
+    common = ("train.steps=30", "checkpoint.every_steps=12", "checkpoint.every_epoch=false")
+    train(config(mnist_dir, *common, "train.log_every_steps=1"), tmp_path / "one")
+    many = train(config(mnist_dir, *common, "train.log_every_steps=25", "train.steps_per_call=7"), tmp_path / "many")
+    assert many["steps"] == 30
+    assert_bit_identical(leaves_of(tmp_path / "one", 30), leaves_of(tmp_path / "many", 30))
+    logged = [r["step"] for r in writers.read_jsonl(tmp_path / "many" / "metrics.jsonl") if r.get("kind") == "train"]
+    assert logged == [12, 20, 24, 25, 30]  # checkpoint 12, epoch end 20, checkpoint 24, log 25, the end 30
+
+
+def test_a_negative_steps_per_call_is_refused_before_anything_is_written(tmp_path, mnist_dir):
+    from jaxcnn.config import ConfigError
+    from jaxcnn.train.loop import train
+
+    with pytest.raises(ConfigError, match="train.steps_per_call=-1"):
+        train(config(mnist_dir, "train.steps=2", "train.steps_per_call=-1"), tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
