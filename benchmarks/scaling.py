@@ -4,8 +4,8 @@
     python benchmarks/scaling.py --model lenet5 --image 28,28,1 --per-device-batch 64 --steps 20
     python benchmarks/scaling.py --global-batch 256              # strong scaling: the same global batch
 
-Every row runs jaxcnn's real path: `make_strategy` → `compile_train_step(make_train_step(...))` →
-`place_state`, batches on `strategy.batch_sharding`. `compile s` is the first call (tracing + XLA
+Every row runs jaxcnn's real path: `make_strategy` → `compile_train_steps(make_train_step(...))` (the timed
+steps in one call, as `jaxcnn train` runs them) → `place_state`, stacked batches on `strategy.batch_sharding`. `compile s` is the first call (tracing + XLA
 compilation); `step ms` is the mean over `--steps` further steps, waited for on the device; `images/s` is the
 global batch over that. By default the batch per device is fixed (weak scaling), so ideal scaling keeps the
 step time flat and multiplies images/s by the device count.
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn.config import ConfigError, OptimConfig, ParallelConfig, ScheduleConfig
+from jaxcnn.data.pipeline import stacked_sharding
 from jaxcnn.models import create_model
 from jaxcnn.train import parallel
 from jaxcnn.train.optim import make_optimizer
@@ -53,21 +54,23 @@ def time_strategy(
     state = strategy.place_state(create_train_state(model, tx, variables))
     opts = StepOptions(num_classes=10, mean=(125.0,) * args.image[2], std=(60.0,) * args.image[2],
                        compute_dtype=jnp.dtype(args.dtype))
-    step = strategy.compile_train_step(make_train_step(opts, axis_name=strategy.axis_name))
+    steps_fn = strategy.compile_train_steps(make_train_step(opts, axis_name=strategy.axis_name))
     rng = np.random.default_rng(0)
-    host = {"image": rng.integers(0, 256, (batch, *args.image)).astype(np.uint8),
-            "label": rng.integers(0, 10, batch).astype(np.int32)}
-    placed = strategy.put_batch({k: v[strategy.process_rows(batch)] for k, v in host.items()}, batch)
-    keys = [jax.random.PRNGKey(i) for i in range(args.steps + 2)]
+    total = args.steps + 2  # compile + warm-up + timed steps, one stacked batch each
+    host = {"image": rng.integers(0, 256, (total, batch, *args.image)).astype(np.uint8),
+            "label": rng.integers(0, 10, (total, batch)).astype(np.int32)}
+    rows = strategy.process_rows(batch)
+    batches = {k: jax.make_array_from_process_local_data(stacked_sharding(strategy.batch_sharding), v[:, rows],
+                                                         v.shape) for k, v in host.items()}
+    key = jax.random.PRNGKey(0)
     start = time.perf_counter()
-    state, metrics = step(state, placed, keys[0])
+    state, metrics = steps_fn(state, batches, 0, 1, key, 0)
     jax.block_until_ready((state, metrics))
     compile_s = time.perf_counter() - start
-    state, metrics = step(state, placed, keys[1])  # one more warm-up step
+    state, metrics = steps_fn(state, batches, 1, 1, key, 1)  # one more warm-up step
     jax.block_until_ready(metrics)
     start = time.perf_counter()
-    for k in keys[2:]:
-        state, metrics = step(state, placed, k)
+    state, metrics = steps_fn(state, batches, 2, args.steps, key, 2)  # the timed steps, in one call as jaxcnn train
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / args.steps
     return {"compile_s": compile_s, "step_ms": 1e3 * step_s, "images_per_s": batch / step_s}
