@@ -128,3 +128,10 @@ def test_vs_pytorch_imagenet_resnet_in_bfloat16_prints_mfu():
                      "--steps", "1", "--rounds", "1", "--warmup", "1", "--dtype", "bfloat16", "--peak-tflops", "1")
     assert "resnet18" in out and "MFU" in out and "bfloat16 compute" in out
     assert "PARAMETER COUNTS DIFFER" not in out
+
+
+def test_scaling_prints_a_row_per_strategy_and_device_count():
+    out = run_script("benchmarks/scaling.py", "--model", "lenet5", "--image", "28,28,1", "--per-device-batch", "4",
+                     "--steps", "2", "--devices", "1,2")
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["jit"], ["pmap"], ["shard_map"], ["single"])]
+    assert {(r[0], r[1]) for r in rows} >= {("jit", "1"), ("jit", "2"), ("pmap", "2"), ("shard_map", "2"), ("single", "1")}
