@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn.config import ConfigError, OptimConfig, ParallelConfig, ScheduleConfig
-from jaxcnn.data.pipeline import stacked_sharding
+from jaxcnn.data.pipeline import put_stacked
 from jaxcnn.models import create_model
 from jaxcnn.train import parallel
 from jaxcnn.train.optim import make_optimizer
@@ -60,8 +60,7 @@ def time_strategy(
     host = {"image": rng.integers(0, 256, (total, batch, *args.image)).astype(np.uint8),
             "label": rng.integers(0, 10, (total, batch)).astype(np.int32)}
     rows = strategy.process_rows(batch)
-    batches = {k: jax.make_array_from_process_local_data(stacked_sharding(strategy.batch_sharding), v[:, rows],
-                                                         v.shape) for k, v in host.items()}
+    batches = put_stacked({k: v[:, rows] for k, v in host.items()}, strategy.batch_sharding, batch)
     key = jax.random.PRNGKey(0)
     start = time.perf_counter()
     state, metrics = steps_fn(state, batches, 0, 1, key, 0)

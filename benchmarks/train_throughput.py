@@ -91,7 +91,7 @@ def make_jax_trainer(name: str, batch_size: int, *, dtype: str = "float32", imag
     import numpy as np
 
     from jaxcnn.config import OptimConfig, ParallelConfig, ScheduleConfig
-    from jaxcnn.data.pipeline import stacked_sharding
+    from jaxcnn.data.pipeline import put_stacked
     from jaxcnn.models import create_model
     from jaxcnn.train import parallel
     from jaxcnn.train.optim import make_optimizer
@@ -116,8 +116,7 @@ def make_jax_trainer(name: str, batch_size: int, *, dtype: str = "float32", imag
     rng = np.random.default_rng(seed)
     host = {"image": rng.integers(0, 256, (num_batches, batch_size, h, w, c), dtype=np.uint8),
             "label": rng.integers(0, knobs["num_classes"], (num_batches, batch_size), dtype=np.int32)}
-    sharding = stacked_sharding(strategy.batch_sharding)
-    batches = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()}
+    batches = put_stacked(host, strategy.batch_sharding, batch_size)
     jitted = steps_fn.__wrapped__
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()

@@ -182,7 +182,6 @@ def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, to
                 trainer.close()
     torch_params = {sides[k].params for k in sides if k != "jax"}
     return {"rates": rates, "compile_s": jax_trainer.compile_s, "jax_params": jax_trainer.params,
-            "train_flops": train_flops_per_image(name, image_size),
             "torch_params": torch_params.pop() if len(torch_params) == 1 else None,
             "torch_version": next((sides[k].version for k in sides if k != "jax"), None)}
 
@@ -271,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                     image_size=args.image_size, dtype=args.dtype, torch_device=torch_device)
         jax_rates = r["rates"]["jax"]
         jax_median = statistics.median(jax_rates)
+        flops = train_flops_per_image(name, args.image_size) if peak else 0.0  # only where MFU is printed
         line = f"{name:9s} jaxcnn {jax_median:9,.1f} images/s (compile {r['compile_s']:.1f} s"
         if peak:
-            line += f", MFU {jax_median * r['train_flops'] / (peak * 1e12):.1%}"
+            line += f", MFU {jax_median * flops / (peak * 1e12):.1%}"
         line += ")"
         for malloc in mallocs:
             torch_rates = r["rates"][f"torch/{malloc}"]
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             label = "PyTorch" if malloc == "default" else f"PyTorch ({malloc} malloc)"
             line += f" | {label} {torch_median:9,.1f} images/s"
             if peak:
-                line += f" (MFU {torch_median * r['train_flops'] / (peak * 1e12):.1%})"
+                line += f" (MFU {torch_median * flops / (peak * 1e12):.1%})"
             line += f" | ratio {jax_median / torch_median:.2f}x (median per-round ratio {per_round:.2f}x)"
         if mallocs and r["jax_params"] != r["torch_params"]:
             line += f" | PARAMETER COUNTS DIFFER: jaxcnn {r['jax_params']:,}, PyTorch {r['torch_params']}"

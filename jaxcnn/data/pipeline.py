@@ -113,8 +113,12 @@ def process_rows(sharding: Sharding, batch_size: int) -> np.ndarray:
     return np.array(sorted(rows), dtype=np.int64)
 
 
-def _put_stacked(host: dict[str, np.ndarray], sharding: Sharding, batch_size: int) -> Batch:
-    """Puts process-local [steps, B_local, ...] arrays as global [steps, B, ...] arrays, batch axis sharded."""
+def put_stacked(host: dict[str, np.ndarray], sharding: Sharding, batch_size: int) -> Batch:
+    """Puts process-local [steps, B_local, ...] arrays as global [steps, B, ...] arrays, batch axis sharded.
+
+    sharding: the batch sharding of [B, ...] arrays; batch_size: the global B. The stacked batches the multi-step
+    train loop takes (`Strategy.compile_train_steps`).
+    """
     stacked = stacked_sharding(sharding)
     return {
         k: jax.make_array_from_process_local_data(stacked, v, (v.shape[0], batch_size) + v.shape[2:])
@@ -195,7 +199,7 @@ class DeviceEpochLoader:
             "label": self.dataset.labels[indices],
             "index": indices.astype(np.int32),
         }
-        return _put_stacked(host, self.sharding, self.batch_size)
+        return put_stacked(host, self.sharding, self.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,7 +237,7 @@ class DeviceEvalSet:
             "label": np.where(mask, dataset.labels[safe], np.int32(0)).astype(np.int32),
             "mask": mask,
         }
-        self._stacked = _put_stacked(host, self.sharding, self.batch_size)
+        self._stacked = put_stacked(host, self.sharding, self.batch_size)
 
     def __len__(self) -> int:
         return self.num_batches

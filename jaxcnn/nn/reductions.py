@@ -29,8 +29,8 @@ def _fold(inner: int, channels: int) -> int:
     return 1
 
 
-def channel_sum(x: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
-    """Sum of ``x [N, ..., C]`` over all axes but the last -> ``[C]`` (accumulated in `dtype`, default x's).
+def channel_sum(x: jax.Array) -> jax.Array:
+    """Sum of ``x [N, ..., C]`` over all axes but the last -> ``[C]``.
 
     The rows are folded within each example (k divides the product of the middle axes), never across the
     leading axis: with the batch sharded over devices the reshape stays local and the sum is XLA's usual
@@ -38,19 +38,14 @@ def channel_sum(x: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
     """
     axes = tuple(range(x.ndim - 1))
     if x.ndim < 3:
-        return jnp.sum(x, axis=axes, dtype=dtype)
+        return jnp.sum(x, axis=axes)
     n, c = x.shape[0], x.shape[-1]
     inner = math.prod(x.shape[1:-1])
     k = _fold(inner, c)
     if k == 1:
-        return jnp.sum(x, axis=axes, dtype=dtype)
-    partial = jnp.sum(x.reshape(n, inner // k, k * c), axis=(0, 1), dtype=dtype)
+        return jnp.sum(x, axis=axes)
+    partial = jnp.sum(x.reshape(n, inner // k, k * c), axis=(0, 1))
     return jnp.sum(partial.reshape(k, c), axis=0)
-
-
-def channel_mean(x: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
-    """Mean of ``x [..., C]`` over all axes but the last -> ``[C]``."""
-    return channel_sum(x, dtype) / math.prod(x.shape[:-1])
 
 
 @jax.custom_vjp
@@ -71,4 +66,4 @@ def _add_bias_bwd(residuals, g):
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
-__all__ = ["add_bias", "channel_mean", "channel_sum"]
+__all__ = ["add_bias", "channel_sum"]

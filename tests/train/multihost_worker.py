@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parallel_helpers import CLASSES, IMAGE, numpy_variables, small_resnet
 
 from jaxcnn.config import ParallelConfig
-from jaxcnn.data.pipeline import stacked_sharding
+from jaxcnn.data.pipeline import put_stacked
 from jaxcnn.train import parallel
 from jaxcnn.train.state import create_train_state
 from jaxcnn.train.step import StepOptions, make_eval_step, make_train_step
@@ -78,10 +78,7 @@ def run(strategy_name: str, num_devices: int | None = None) -> dict[str, Any]:
     if mode == "steps":
         train_steps = strategy.compile_train_steps(make_train_step(opts, axis_name=strategy.axis_name))
         local = [make_rows(step, range(rows.start, rows.stop)) for step in range(STEPS)]
-        sharding = stacked_sharding(strategy.batch_sharding)
-        batches = {k: jax.make_array_from_process_local_data(sharding, np.stack([b[k] for b in local]),
-                                                               (STEPS, BATCH) + local[0][k].shape[1:])
-                   for k in local[0]}
+        batches = put_stacked({k: np.stack([b[k] for b in local]) for k in local[0]}, strategy.batch_sharding, BATCH)
         state, sums = train_steps(state, batches, 0, 1, jax.random.PRNGKey(0), 0)  # one step, then the rest at once
         losses.append(float(np.asarray(sums["loss"])))
         state, sums = train_steps(state, batches, 1, STEPS - 1, jax.random.PRNGKey(0), 1)

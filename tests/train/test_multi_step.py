@@ -17,7 +17,7 @@ import pytest
 
 from jaxcnn.config import ParallelConfig
 from jaxcnn.data.dataset import ArrayDataset
-from jaxcnn.data.pipeline import DeviceEpochLoader
+from jaxcnn.data.pipeline import DeviceEpochLoader, put_stacked
 from jaxcnn.train import parallel
 from jaxcnn.train.step import StepOptions, make_train_step
 
@@ -50,9 +50,7 @@ def chunked_run(strategy: parallel.Strategy, opts: StepOptions, data: list[dict[
     model = small_resnet(**strategy.model_overrides)
     state = strategy.place_state(init_host_state(model))
     run = strategy.compile_train_steps(make_train_step(opts, axis_name=strategy.axis_name))
-    host = stacked(data)
-    placed = {k: jax.make_array_from_process_local_data(parallel.stacked_sharding(strategy.batch_sharding), v)
-              for k, v in host.items()}
+    placed = put_stacked(stacked(data), strategy.batch_sharding, BATCH)
     sums, first = [], 0
     for count in CHUNKS:
         before = state
