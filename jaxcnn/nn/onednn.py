@@ -83,14 +83,36 @@ class Geometry:
         return {FORWARD: self.y_shape, BACKWARD_DATA: self.x_shape, BACKWARD_WEIGHTS: self.kernel_shape}[op]
 
 
-def threads_per_device() -> int:
-    """OpenMP threads for one convolution: 0 (all cores) with one CPU device, else cores // CPU devices (at least 1).
+_CONCURRENT_DEVICES: contextvars.ContextVar[int | None] = contextvars.ContextVar("jaxcnn_onednn_devices", default=None)
 
-    XLA runs the computations of all local CPU devices at once (pmap, shard_map and sharded jit over
-    ``--xla_force_host_platform_device_count`` devices); one full OpenMP team per device would oversubscribe the
-    cores and spin (a two-process, 4-device-each test ran 5x slower and timed out on 2 cores).
+
+@contextlib.contextmanager
+def concurrent_devices(n: int) -> Iterator[None]:
+    """Convolutions traced inside run on `n` CPU devices of this process at once (a strategy's mesh).
+
+    `jaxcnn.train.parallel.Strategy` traces its steps inside this context, so that a one-device step gives oneDNN
+    every core even when the process has several CPU devices, and an n-device step gives each device its share.
     """
-    devices = jax.local_device_count("cpu")
+    if int(n) < 1:
+        raise ValueError(f"concurrent_devices: n={n} must be at least 1")
+    token = _CONCURRENT_DEVICES.set(int(n))
+    try:
+        yield
+    finally:
+        _CONCURRENT_DEVICES.reset(token)
+
+
+def threads_per_device() -> int:
+    """OpenMP threads for one convolution: 0 (all cores) on one device, else cores // devices (at least 1).
+
+    The device count is the one `concurrent_devices` gives (a strategy's devices in this process), else every
+    local CPU device. XLA runs the computations of all the devices of a mesh at once (pmap, shard_map and
+    sharded jit over ``--xla_force_host_platform_device_count`` devices); one full OpenMP team per device would
+    oversubscribe the cores and spin (a two-process, 4-device-each test ran 5x slower and timed out on 2 cores).
+    """
+    devices = _CONCURRENT_DEVICES.get()
+    if devices is None:
+        devices = jax.local_device_count("cpu")
     if devices <= 1:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -290,5 +312,5 @@ def conv2d(x: jax.Array, kernel: jax.Array, geometry: Geometry) -> jax.Array:
     return _bind(x, kernel, FORWARD, geometry)
 
 
-__all__ = ["Geometry", "available", "conv2d", "conv_p", "enabled", "implementations", "usable",
-           "xla_convolutions"]
+__all__ = ["Geometry", "available", "concurrent_devices", "conv2d", "conv_p", "enabled", "implementations",
+           "threads_per_device", "usable", "xla_convolutions"]

@@ -60,6 +60,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxcnn.config import ConfigError, ParallelConfig
 from jaxcnn.data.pipeline import stacked_sharding, take_batch
+from jaxcnn.nn import onednn
 
 DATA_AXIS = "data"  # the jit strategy's mesh axis
 BATCH_AXIS = "batch"  # the pmap / shard_map axis name (BatchNorm's axis_name)
@@ -352,6 +353,17 @@ class Strategy:
 
         return jax.tree_util.tree_map(split, batch)
 
+    def _traced_here(self, fn: Callable) -> Callable:
+        """`fn`, traced with oneDNN told how many of this process's devices run it at once (its thread share)."""
+        n = len(self.local_devices)
+
+        @functools.wraps(fn)
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            with onednn.concurrent_devices(n):
+                return fn(*args, **kwargs)
+
+        return traced
+
     def compile_train_step(self, train_step: Callable) -> Callable:
         """`train_step(state, batch, rng) -> (state, metrics)` compiled for this strategy, the state donated.
 
@@ -359,6 +371,7 @@ class Strategy:
         step. Returns the new placed state and scalar metrics. The returned function checks the batch size
         before compiling.
         """
+        train_step = self._traced_here(train_step)
         if self.name == "single":
             compiled = jax.jit(train_step, donate_argnums=0)
         elif self.name == "jit":
@@ -406,6 +419,7 @@ class Strategy:
         """
         from jaxcnn.train.step import make_multi_step
 
+        train_step = self._traced_here(train_step)
         rep = self._replicated
         stacked = stacked_sharding(self.batch_sharding)
         if self.name == "single":
@@ -461,6 +475,7 @@ class Strategy:
         batch: global [B, ...] arrays on `batch_sharding`, B any multiple of the device count (padded batches
         carry `mask`).
         """
+        eval_step = self._traced_here(eval_step)
         if self.name == "single":
             compiled = jax.jit(eval_step)
         elif self.name == "jit":

@@ -200,6 +200,63 @@ def test_one_thread_per_device_when_xla_runs_several_cpu_devices():
     assert onednn.threads_per_device() == 1
 
 
+def test_threads_follow_the_devices_a_strategy_runs_at_once():
+    """A one-device step in an 8-device process gets every core (0); n devices get cores // n each."""
+    cores = len(os.sched_getaffinity(0))
+    with onednn.concurrent_devices(1):
+        assert onednn.threads_per_device() == 0
+        with onednn.concurrent_devices(2):
+            assert onednn.threads_per_device() == max(1, cores // 2)
+        assert onednn.threads_per_device() == 0
+    assert onednn.threads_per_device() == 1  # outside any strategy: the 8 local CPU devices
+    with pytest.raises(ValueError, match="at least 1"):
+        with onednn.concurrent_devices(0):
+            pass
+
+
+def test_strategies_trace_their_steps_with_their_device_count(monkeypatch):
+    from jaxcnn.config import ParallelConfig
+    from jaxcnn.train import parallel
+
+    seen = []
+    monkeypatch.setattr(onednn, "threads_per_device", lambda: seen.append(onednn._CONCURRENT_DEVICES.get()) or 1)
+    x = jnp.ones((8, 6, 6, 3), jnp.float32)
+    k = jnp.ones((3, 3, 3, 4), jnp.float32)
+
+    def eval_step(state, batch):
+        return {"s": jnp.sum(fast(batch["image"], state))}
+
+    for strategy_name, n in (("single", None), ("jit", 1), ("shard_map", 4)):
+        strategy = parallel.make_strategy(ParallelConfig(strategy=strategy_name, num_devices=n), 8)
+        seen.clear()
+        batch = {"image": jax.device_put(x, strategy.batch_sharding)}
+        strategy.compile_eval_step(eval_step)(strategy.place_state(k), batch)
+        assert seen and set(seen) == {n or 1}, (strategy_name, seen)
+
+
+@needs_onednn
+def test_all_threads_setting_restores_the_default_on_the_calling_thread():
+    """OpenMP's thread count is per thread and sticks: a one-thread convolution must not leave a later
+    all-cores one (threads=0) on one thread (one-device steps in multi-device processes ran at half speed)."""
+    import ctypes
+
+    import threading
+
+    gomp = ctypes.CDLL("libgomp.so.1")
+    fresh = []  # a new thread starts from the process's default (this one may have run one-thread calls already)
+    reader = threading.Thread(target=lambda: fresh.append(gomp.omp_get_max_threads()))
+    reader.start()
+    reader.join()
+    default = fresh[0]
+    lib = onednn._library()
+    for threads, expected in ((1, 1), (0, default)):
+        geometry = onednn.Geometry((2, 8, 8, 4), (3, 3, 4, 5), (2, 8, 8, 5), (1, 1), PAD1, (1, 1), 1, threads)
+        dims = geometry.dims()
+        error = ctypes.create_string_buffer(256)
+        assert lib.JaxcnnConvImpl(0, dims.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), error, len(error))
+        assert gomp.omp_get_max_threads() == expected, threads
+
+
 @needs_onednn
 def test_xla_convolutions_context():
     x, k = case(8, (2, 8, 8, 4), (3, 3, 4, 5))

@@ -51,10 +51,13 @@ struct Geometry {
     return {op, n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups, threads};
   }
   // oneDNN sizes its work split when a primitive is built and runs it with that many threads: set the calling
-  // thread's OpenMP thread count before both.
+  // thread's OpenMP thread count before both. The count is per thread and sticks, and XLA runs custom calls on
+  // whichever of its threads is free, so 0 (all) must set the default back, not leave what an earlier call set.
   void SetThreads() const {
-    if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+    omp_set_num_threads(threads > 0 ? static_cast<int>(threads) : DefaultThreads());
   }
+  // OpenMP's thread count as the process started (OMP_NUM_THREADS, else the cores), read when the library loads.
+  static int DefaultThreads();
   memory::desc Src() const { return memory::desc({n, cin, h, w}, dt::f32, tag::nhwc); }
   memory::desc Dst() const { return memory::desc({n, cout, ho, wo}, dt::f32, tag::nhwc); }
   // HWIO as jaxcnn stores kernels (hwigo with groups), or `any`: the layout oneDNN prefers.
@@ -69,6 +72,9 @@ struct Geometry {
   memory::dims PadL() const { return {pt, pl}; }
   memory::dims PadR() const { return {pb, pr}; }
 };
+
+const int kDefaultThreads = omp_get_max_threads();
+int Geometry::DefaultThreads() { return kDefaultThreads; }
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -95,27 +101,45 @@ std::shared_ptr<Entry> Build(const Geometry& g, Op op) {
   // computations of several CPU devices (pmap, shard_map, sharded jit) in parallel threads.
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+#if DNNL_VERSION_MAJOR >= 3  // oneDNN 3.x: primitive descriptors are built directly (the op descs are gone)
+  dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training,
+                                                dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(),
+                                                g.Dst(), g.Strides(), g.Dilates(), g.PadL(), g.PadR(), attr);
+#else
   dnnl::convolution_forward::desc fwd_desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
                                            g.Src(), g.AnyWeights(), g.Dst(), g.Strides(), g.Dilates(), g.PadL(),
                                            g.PadR());
   dnnl::convolution_forward::primitive_desc fwd(fwd_desc, attr, Engine());
+#endif
   if (op == kForward) {
     e->primitive = dnnl::convolution_forward(fwd);
     e->weights = fwd.weights_desc();
     e->scratchpad = fwd.scratchpad_desc();
     e->impl = fwd.impl_info_str();
   } else if (op == kBackwardData) {
+#if DNNL_VERSION_MAJOR >= 3
+    dnnl::convolution_backward_data::primitive_desc pd(Engine(), dnnl::algorithm::convolution_direct, g.Src(),
+                                                       g.AnyWeights(), g.Dst(), g.Strides(), g.Dilates(), g.PadL(),
+                                                       g.PadR(), fwd, attr);
+#else
     dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
                                             g.Strides(), g.Dilates(), g.PadL(), g.PadR());
     dnnl::convolution_backward_data::primitive_desc pd(d, attr, Engine(), fwd);
+#endif
     e->primitive = dnnl::convolution_backward_data(pd);
     e->weights = pd.weights_desc();
     e->scratchpad = pd.scratchpad_desc();
     e->impl = pd.impl_info_str();
   } else {
+#if DNNL_VERSION_MAJOR >= 3
+    dnnl::convolution_backward_weights::primitive_desc pd(Engine(), dnnl::algorithm::convolution_direct, g.Src(),
+                                                          g.AnyWeights(), g.Dst(), g.Strides(), g.Dilates(),
+                                                          g.PadL(), g.PadR(), fwd, attr);
+#else
     dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(),
                                                g.Dst(), g.Strides(), g.Dilates(), g.PadL(), g.PadR());
     dnnl::convolution_backward_weights::primitive_desc pd(d, attr, Engine(), fwd);
+#endif
     e->primitive = dnnl::convolution_backward_weights(pd);
     e->weights = pd.diff_weights_desc();
     e->scratchpad = pd.scratchpad_desc();
