@@ -7,14 +7,17 @@ Recipe:    a four-conv VGG-style net with BatchNorm (3x3 convs of 16/32/64/128 c
            forward), convolution kernels initialised as PyTorch does (conv_init='torch': U(+-1/sqrt(fan_in))),
            batch 256, SGD with Nesterov momentum 0.9, peak learning rate 0.3 on a one-cycle schedule (cosine up
            from 0.03 to the peak over the first quarter, cosine down to 0), weight decay 5e-4 on the conv and
-           dense kernels, label smoothing 0.1, airbench's alternating horizontal flips, 7 epochs, and
+           dense kernels, label smoothing 0.1, airbench's alternating horizontal flips, 8 epochs, and
            horizontal-flip test-time augmentation; one evaluation, at the end, on all 10,000 test images.
-Runtime:   61.2 +- 4.3 s wall per run (3 seeds, jax 0.10.2, 2-core CPU, convolutions in oneDNN, each log interval's
-           steps in one compiled call: data, compilation, 1,640 training steps at about 7,900 images/s,
-           evaluation), measured with `python benchmarks/time_to_accuracy.py` (fourth session: 108.3 +- 8.6 s).
-Expected:  93.25 +- 0.04% test accuracy (seeds 0-2: 93.21, 93.25, 93.28%), which meets issue 8's goal (93.0%
-           mean in < 120 s). Fourth session, one step per call: 93.21 +- 0.09%; 6.5 epochs 93.07 +- 0.16%, 6 epochs
-           92.98 +- 0.07%; benchmarks/README.md has the history and the PyTorch twin.
+Runtime:   69.5 +- 2.8 s wall per run (3 seeds, jax 0.10.2, 2-core CPU, convolutions in oneDNN, each log interval's
+           steps in one compiled call: data, compilation, 1,875 training steps at about 7,800 images/s,
+           evaluation), measured with `python benchmarks/time_to_accuracy.py` (fourth session: 108.3 +- 8.6 s at
+           7 epochs).
+Expected:  93.34 +- 0.09% test accuracy (seeds 0-2: 93.36, 93.24, 93.41%), which meets issue 8's goal (93.0%
+           mean in < 120 s). 7 epochs: 93.02 +- 0.11% in 59.9 s on the sixth session's machine (93.25 +- 0.04% on
+           the fifth's), too close to the goal, hence 8; fourth session, one step per call, 7 epochs: 93.21 +-
+           0.09%; 6.5 epochs 93.07 +- 0.16%, 6 epochs 92.98 +- 0.07%; benchmarks/README.md has the history and
+           the PyTorch twin.
 Data:      Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist), or --set data.data_dir=FOLDER.
 """
 
@@ -28,7 +31,7 @@ def get_config() -> Config:
         data=DataConfig(name="fashion_mnist", batch_size=256, eval_batch_size=1000, flip="alternating", tta="flip"),
         optim=OptimConfig(name="sgd", lr=0.3, momentum=0.9, nesterov=True, weight_decay=5e-4, label_smoothing=0.1),
         schedule=ScheduleConfig(name="onecycle", peak_fraction=0.25, initial_lr_fraction=0.1, final_lr_fraction=0.0),
-        train=TrainConfig(epochs=7, log_every_steps=100, eval_every_epochs=0),
+        train=TrainConfig(epochs=8, log_every_steps=100, eval_every_epochs=0),
         checkpoint=CheckpointConfig(every_epoch=False),
         seed=0,
     )
