@@ -37,6 +37,9 @@ BatchNorm running statistics: under pmap and shard_map the strategy `pmean`s `ba
 every replica holds identical statistics whatever the model does (with synced BatchNorm they are equal already;
 with ghost BatchNorm the mean over devices of per-slice statistics is the single-device value).
 
+CPU threads: every strategy traces its steps inside `jaxcnn.nn.onednn.concurrent_devices(n)`, n = its devices in
+this process, so oneDNN's convolutions get every core on one device and cores // n each when n devices run at once.
+
 Multi-host: call `init_distributed` first. The devices are ordered by process (process 0's, then process 1's,
 ...), so process p of P holds rows [p·B/P, (p+1)·B/P) of every global batch and loads only those
 (`process_rows`, `put_batch`; the data pipeline does the same from `batch_sharding`). pmap maps over each
