@@ -44,6 +44,9 @@ namespace {
 
 enum Op : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
+// OpenMP's thread count as the process started (OMP_NUM_THREADS, else the cores), read when the library loads.
+const int kDefaultThreads = omp_get_max_threads();
+
 struct Geometry {
   int64_t n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups, threads;
 
@@ -54,10 +57,8 @@ struct Geometry {
   // thread's OpenMP thread count before both. The count is per thread and sticks, and XLA runs custom calls on
   // whichever of its threads is free, so 0 (all) must set the default back, not leave what an earlier call set.
   void SetThreads() const {
-    omp_set_num_threads(threads > 0 ? static_cast<int>(threads) : DefaultThreads());
+    omp_set_num_threads(threads > 0 ? static_cast<int>(threads) : kDefaultThreads);
   }
-  // OpenMP's thread count as the process started (OMP_NUM_THREADS, else the cores), read when the library loads.
-  static int DefaultThreads();
   memory::desc Src() const { return memory::desc({n, cin, h, w}, dt::f32, tag::nhwc); }
   memory::desc Dst() const { return memory::desc({n, cout, ho, wo}, dt::f32, tag::nhwc); }
   // HWIO as jaxcnn stores kernels (hwigo with groups), or `any`: the layout oneDNN prefers.
@@ -72,9 +73,6 @@ struct Geometry {
   memory::dims PadL() const { return {pt, pl}; }
   memory::dims PadR() const { return {pb, pr}; }
 };
-
-const int kDefaultThreads = omp_get_max_threads();
-int Geometry::DefaultThreads() { return kDefaultThreads; }
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
