@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxcnn.models.base import ClassifierBase, HeadKind
 from jaxcnn.models.registry import register
 from jaxcnn.nn import layers
+from jaxcnn.nn.blocks import norm_act
 
 
 @register("lenet5", description="LeNet-5: conv5x5x6-pool-conv5x5x16-pool-fc120-fc84; 61,706 params on 32x32x1")
@@ -66,7 +67,7 @@ class LeNet5(ClassifierBase):
         for i, c in enumerate(self.conv_channels):
             k = f"block{i + 1}"
             x = conv(self.scaled(c), kernel_size=self.kernel_size, strides=strides, padding="valid", name=f"{k}_conv")(x)
-            x = self.act_fn(norm(name=f"{k}_norm")(x))
+            x = norm_act(norm, self.act_fn, name=f"{k}_norm")(x)
             if self.downsample == "pool":
                 x = layers.Pool2d(self.pool, window=2, strides=2, name=f"{k}_pool")(x)
             features[k] = x

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jaxcnn.models.base import ClassifierBase
 from jaxcnn.models.registry import register
 from jaxcnn.nn import layers
+from jaxcnn.nn.blocks import norm_act
 
 
 @register("mlp", description="MLP on flattened images; LeCun et al. (1998) 784-300-100-10: 266,610 params on 28x28x1")
@@ -40,6 +41,6 @@ class MLP(ClassifierBase):
         for i, units in enumerate(self.hidden):
             if i:
                 x = drop(x, deterministic=not train)
-            x = self.act_fn(norm(name=f"norm{i + 1}")(dense(self.scaled(units), name=f"fc{i + 1}")(x)))
+            x = norm_act(norm, self.act_fn, name=f"norm{i + 1}")(dense(self.scaled(units), name=f"fc{i + 1}")(x))
             features[f"block{i + 1}"] = x
         return self.classify(x, train, features, return_features)

@@ -34,6 +34,7 @@ from jaxcnn.nn.blocks import (
     ShortcutKind,
     check_downsample,
     conv_padding,
+    norm_act,
 )
 
 
@@ -156,7 +157,7 @@ class ResNet(ClassifierBase):
             features[stage] = x
 
         if self.preact:
-            x = act(norm(name="final_norm")(x))
+            x = norm_act(norm, act, name="final_norm")(x)
         return self.classify(x, train, features, return_features)
 
 

@@ -31,6 +31,21 @@ def _no_norm(name: str | None = None, zero_init: bool = False) -> Callable[[jax.
     return layers.make_norm("none", train=False, name=name, zero_init=zero_init)
 
 
+def norm_act(norm: ModuleDef, act: Callable[[jax.Array], jax.Array] | None, *, name: str,
+             **kwargs: Any) -> Callable[[jax.Array], jax.Array]:
+    """``act(norm(name=name, **kwargs)(x))`` as one callable (``act=None``: the norm alone).
+
+    A `layers.make_norm` factory (what the models pass) gets the activation itself, so that BatchNorm-then-ReLU
+    runs as one fused kernel where there is one; any other norm factory is called and the activation applied after.
+    """
+    if act is None:
+        return norm(name=name, **kwargs)
+    if norm is layers.make_norm or (isinstance(norm, functools.partial) and norm.func is layers.make_norm):
+        return norm(name=name, activation=act, **kwargs)
+    layer = norm(name=name, **kwargs)
+    return lambda x: act(layer(x))
+
+
 def conv_padding(kernel_size: int) -> int | str:
     """Padding of a conv with this kernel: ``k // 2`` per side for odd ``k`` (torchvision's), 'same' for even."""
     return kernel_size // 2 if kernel_size % 2 else "same"
@@ -99,15 +114,14 @@ class ConvNormAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        act = self.act if self.act is not None else (lambda y: y)
         padding = conv_padding(self.kernel_size) if self.padding is None else self.padding
         conv = self.conv(
             self.features, kernel_size=self.kernel_size, strides=self.strides, padding=padding, groups=self.groups,
             name="conv",
         )
         if self.preact:
-            return conv(act(self.norm(name="norm")(x)))
-        return act(self.norm(name="norm", zero_init=self.zero_init)(conv(x)))
+            return conv(norm_act(self.norm, self.act, name="norm")(x))
+        return norm_act(self.norm, self.act, name="norm", zero_init=self.zero_init)(conv(x))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,12 +210,12 @@ class BasicBlock(_ResidualBase):
             groups=self.groups,
         )
         if self.preact:
-            pre = self.act(self.norm(name="norm1")(x))
+            pre = norm_act(self.norm, self.act, name="norm1")(x)
             y = conv(strides=self.strides, name="conv1")(pre)
-            y = self._drop(self.act(self.norm(name="norm2")(y)), train)
+            y = self._drop(norm_act(self.norm, self.act, name="norm2")(y), train)
             y = conv(name="conv2")(y)
             return self._join(y, x, pre)
-        y = self.act(self.norm(name="norm1")(conv(strides=self.strides, name="conv1")(x)))
+        y = norm_act(self.norm, self.act, name="norm1")(conv(strides=self.strides, name="conv1")(x))
         y = self._drop(y, train)
         y = self.norm(name="norm2", zero_init=self.zero_init_residual)(conv(name="conv2")(y))
         return self._join(y, x, None)
@@ -231,13 +245,13 @@ class BottleneckBlock(_ResidualBase):
         )
         conv3 = self.conv(out, kernel_size=1, padding=0, name="conv3")
         if self.preact:
-            pre = self.act(self.norm(name="norm1")(x))
+            pre = norm_act(self.norm, self.act, name="norm1")(x)
             y = conv1(pre)
-            y = conv2(self.act(self.norm(name="norm2")(y)))
-            y = self._drop(self.act(self.norm(name="norm3")(y)), train)
+            y = conv2(norm_act(self.norm, self.act, name="norm2")(y))
+            y = self._drop(norm_act(self.norm, self.act, name="norm3")(y), train)
             return self._join(conv3(y), x, pre)
-        y = self.act(self.norm(name="norm1")(conv1(x)))
-        y = self.act(self.norm(name="norm2")(conv2(y)))
+        y = norm_act(self.norm, self.act, name="norm1")(conv1(x))
+        y = norm_act(self.norm, self.act, name="norm2")(conv2(y))
         y = self._drop(y, train)
         y = self.norm(name="norm3", zero_init=self.zero_init_residual)(conv3(y))
         return self._join(y, x, None)

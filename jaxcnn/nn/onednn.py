@@ -49,7 +49,9 @@ _OP_INDEX = {FORWARD: 0, BACKWARD_DATA: 1, BACKWARD_WEIGHTS: 2}
 _TARGETS = {FORWARD: ("jaxcnn_onednn_conv_fwd", "JaxcnnConvFwd"),
             BACKWARD_DATA: ("jaxcnn_onednn_conv_bwd_data", "JaxcnnConvBwdData"),
             BACKWARD_WEIGHTS: ("jaxcnn_onednn_conv_bwd_weights", "JaxcnnConvBwdWeights")}
-_SOURCE = Path(__file__).with_name("csrc") / "onednn_conv.cc"
+_NORM_TARGETS = {"forward": ("jaxcnn_onednn_norm_fwd", "JaxcnnNormFwd"),
+                 "backward": ("jaxcnn_onednn_norm_bwd", "JaxcnnNormBwd")}
+_SOURCES = (Path(__file__).with_name("csrc") / "onednn_conv.cc", Path(__file__).with_name("csrc") / "onednn_norm.cc")
 _INSTALL_HINT = ("install a C++ compiler and oneDNN's headers (Debian/Ubuntu: `apt-get install g++ libdnnl-dev`), "
                  "or set JAXCNN_ONEDNN=0 to silence this")
 
@@ -127,21 +129,21 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _compile(source: Path, include_dir: str, out: Path) -> None:
-    """g++ -O3 -shared source -ldnnl -> out, written atomically (parallel test workers may build at once)."""
+def _compile(sources: tuple[Path, ...], include_dir: str, out: Path) -> None:
+    """g++ -O3 -shared sources -ldnnl -> out, written atomically (parallel test workers may build at once)."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler found (looked for $CXX, g++, c++)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include_dir}", str(source),
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{include_dir}", *map(str, sources),
            "-o", tmp, "-ldnnl"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tail = "\n".join(done.stderr.strip().splitlines()[-6:])
-            raise RuntimeError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{tail}")
+            raise RuntimeError(f"compiling {', '.join(s.name for s in sources)} failed ({' '.join(cmd)}):\n{tail}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -149,8 +151,8 @@ def _compile(source: Path, include_dir: str, out: Path) -> None:
 
 
 def _library_path() -> Path:
-    """Where the compiled library for this source and this jaxlib's FFI headers lives."""
-    digest = hashlib.sha256(_SOURCE.read_bytes() + jax.ffi.include_dir().encode() +
+    """Where the compiled library for these sources and this jaxlib's FFI headers lives."""
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES) + jax.ffi.include_dir().encode() +
                             jax.__version__.encode()).hexdigest()[:16]
     return _cache_dir() / f"libjaxcnn_onednn_{digest}.so"
 
@@ -183,12 +185,17 @@ def _library() -> ctypes.CDLL | None:
     try:
         path = _library_path()
         if not path.exists():
-            _compile(_SOURCE, jax.ffi.include_dir(), path)
+            _compile(_SOURCES, jax.ffi.include_dir(), path)
         lib = ctypes.CDLL(str(path))
         lib.JaxcnnConvImpl.restype = ctypes.c_char_p
         lib.JaxcnnConvImpl.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
                                        ctypes.c_int64]
-        for target, symbol in _TARGETS.values():
+        lib.JaxcnnNormWorkspace.restype = ctypes.c_int64
+        lib.JaxcnnNormWorkspace.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_char_p,
+                                            ctypes.c_int64]
+        lib.JaxcnnNormImpl.restype = ctypes.c_char_p
+        lib.JaxcnnNormImpl.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_float]
+        for target, symbol in (*_TARGETS.values(), *_NORM_TARGETS.values()):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         return lib
     except Exception as err:  # noqa: BLE001 - any failure means: keep XLA's convolutions, say why once
@@ -312,5 +319,83 @@ def conv2d(x: jax.Array, kernel: jax.Array, geometry: Geometry) -> jax.Array:
     return _bind(x, kernel, FORWARD, geometry)
 
 
-__all__ = ["Geometry", "available", "concurrent_devices", "conv2d", "conv_p", "enabled", "implementations",
+# ------------------------------------------------------------------------------------------- batch normalisation
+
+@dataclasses.dataclass(frozen=True)
+class NormGeometry:
+    """A training-mode BatchNorm's shape: x ``[..., C]`` normalised over all axes but the last (hashable)."""
+
+    x_shape: tuple[int, ...]
+    relu: bool        # the ReLU after it fused (its mask kept in the workspace)
+    epsilon: float
+    threads: int = 0  # as `Geometry.threads`
+
+    def dims(self) -> np.ndarray:
+        """[n, h, w, c, relu, threads] as onednn_norm.cc reads them: [N, H, W, C] as is, else [prod(...), 1, 1, C]."""
+        shape = self.x_shape
+        if len(shape) == 4:
+            n, h, w, c = shape
+        else:
+            n, h, w, c = int(np.prod(shape[:-1], dtype=np.int64)), 1, 1, shape[-1]
+        return np.array([n, h, w, c, int(self.relu), self.threads], np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def norm_workspace_bytes(geometry: NormGeometry) -> int | None:
+    """Bytes of the ReLU mask oneDNN's forward pass keeps for the backward pass (at least 1); None when the library
+    is unavailable, oneDNN rejects the shape or would run its slow reference kernel (cached per geometry)."""
+    lib = _library()
+    if lib is None or len(geometry.x_shape) < 2 or any(d <= 0 for d in geometry.x_shape):
+        return None
+    dims = geometry.dims()
+    pointer = dims.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
+    error = ctypes.create_string_buffer(512)
+    size = lib.JaxcnnNormWorkspace(pointer, geometry.epsilon, error, len(error))
+    impl = lib.JaxcnnNormImpl(pointer, geometry.epsilon) if size >= 0 else None
+    if impl is None or any(name.startswith("ref") for name in impl.decode().split(",")):
+        return None
+    return max(1, int(size))
+
+
+def norm_usable(x_shape: tuple[int, ...], dtypes: tuple, *, relu: bool, epsilon: float) -> NormGeometry | None:
+    """The geometry to run a training-mode BatchNorm through oneDNN with, or None to keep XLA's: float32 operands
+    on the CPU backend, ``[..., C]`` with rank >= 2, a JIT kernel (`norm_workspace_bytes`)."""
+    if not enabled() or jax.default_backend() != "cpu" or any(np.dtype(d) != np.float32 for d in dtypes):
+        return None
+    geometry = NormGeometry(tuple(int(d) for d in x_shape), bool(relu), float(epsilon), threads_per_device())
+    return geometry if norm_workspace_bytes(geometry) is not None else None
+
+
+def _norm_attrs(geometry: NormGeometry) -> dict:
+    return dict(epsilon=np.float32(geometry.epsilon), relu=np.int64(geometry.relu),
+                threads=np.int64(geometry.threads))
+
+
+def norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, geometry: NormGeometry):
+    """oneDNN's training-mode BatchNorm (with the ReLU when ``geometry.relu``): x ``[..., C]``, scale, bias ``[C]``
+    -> ``(y [..., C], mean [C], var [C] (biased), workspace [bytes] uint8)``, all float32 but the workspace.
+
+    Not differentiable by itself: `jaxcnn.nn.fast_norm` wraps it (and `norm_backward`) in derivative rules.
+    """
+    c = geometry.x_shape[-1]
+    stat = jax.ShapeDtypeStruct((c,), np.float32)
+    out = (jax.ShapeDtypeStruct(geometry.x_shape, np.float32), stat, stat,
+           jax.ShapeDtypeStruct((norm_workspace_bytes(geometry),), np.uint8))
+    call = jax.ffi.ffi_call(_NORM_TARGETS["forward"][0], out, vmap_method="sequential")
+    return call(x, scale, bias, **_norm_attrs(geometry))
+
+
+def norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
+                  workspace: jax.Array, geometry: NormGeometry):
+    """The gradient of `norm_forward`'s y (the ReLU's mask read from its workspace): ``(dx [..., C], dscale [C],
+    dbias [C])`` for the cotangent dy ``[..., C]``, with the forward's batch mean and variance."""
+    c = geometry.x_shape[-1]
+    stat = jax.ShapeDtypeStruct((c,), np.float32)
+    out = (jax.ShapeDtypeStruct(geometry.x_shape, np.float32), stat, stat)
+    call = jax.ffi.ffi_call(_NORM_TARGETS["backward"][0], out, vmap_method="sequential")
+    return call(x, dy, mean, var, scale, workspace, **_norm_attrs(geometry))
+
+
+__all__ = ["Geometry", "NormGeometry", "available", "concurrent_devices", "conv2d", "conv_p", "enabled",
+           "implementations", "norm_backward", "norm_forward", "norm_usable", "norm_workspace_bytes",
            "threads_per_device", "usable", "xla_convolutions"]

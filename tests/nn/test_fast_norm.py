@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn.nn import fast_norm, layers
+from jaxcnn.nn import fast_norm, layers, onednn
 
 
 def flax_bn(train: bool, dtype=None) -> nn.Module:
@@ -107,3 +107,161 @@ def test_bfloat16_compute_dtype():
 def test_make_norm_keeps_flax_under_an_axis_name():
     assert isinstance(layers.make_norm("batch", train=True), fast_norm.BatchNorm)
     assert isinstance(layers.make_norm("batch", train=True, axis_name="batch"), nn.BatchNorm)
+
+
+# ------------------------------------------------------------------------------------- oneDNN's fused kernels (CPU)
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN library unavailable")
+
+
+def away_from_relu_kink(shape, seed, margin=1e-2):
+    """(x, weights, scale, bias) whose pre-activations BatchNorm(x) * scale + bias are all further than `margin`
+    from 0, so that the ReLU's mask cannot depend on float rounding (oneDNN's sums are ordered differently)."""
+    rng = np.random.default_rng(seed)
+    c = shape[-1]
+    scale = rng.uniform(0.5, 1.5, c)
+    bias = rng.standard_normal(c) * 0.5
+    x = rng.standard_normal(shape) * 2.0 + 3.0
+    for _ in range(20):
+        xs = x.reshape(-1, c)
+        pre = (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5) * scale + bias
+        near = np.abs(pre) < margin
+        if not near.any():
+            break
+        xs[near] += 0.5  # moves those values (and the statistics, a little): check again
+    weights = rng.standard_normal(shape)
+    return tuple(jnp.asarray(a, jnp.float32) for a in (x, weights, scale, bias))
+
+
+def reference_bn_relu(x, scale, bias, relu):
+    """flax's BatchNorm mathematics in JAX operations, then jax.nn.relu: (y, mean, var)."""
+    y, mean, var = fast_norm.batch_norm_train(x, scale, bias, 1e-5)
+    return (jax.nn.relu(y) if relu else y), mean, var
+
+
+def numpy_bn_relu_grads(x, g, scale, bias, relu):
+    """Float64 NumPy: y = relu?(BatchNorm(x) * scale + bias) and the gradient of sum(y * g) in x, scale, bias."""
+    c = x.shape[-1]
+    xs, gs = np.asarray(x, np.float64).reshape(-1, c), np.asarray(g, np.float64).reshape(-1, c)
+    scale, bias = np.asarray(scale, np.float64), np.asarray(bias, np.float64)
+    mean, var = xs.mean(0), xs.var(0)
+    rstd = 1 / np.sqrt(var + 1e-5)
+    xhat = (xs - mean) * rstd
+    pre = xhat * scale + bias
+    y = np.maximum(pre, 0) if relu else pre
+    gs = gs * (pre > 0) if relu else gs
+    dbias, dscale = gs.sum(0), (gs * xhat).sum(0)
+    dx = scale * rstd * (gs - dbias / len(xs) - xhat * dscale / len(xs))
+    return y.reshape(x.shape), mean, var, dx.reshape(x.shape), dscale, dbias
+
+
+@needs_onednn
+@pytest.mark.parametrize("relu", [True, False], ids=["bn-relu", "bn"])
+@pytest.mark.parametrize("shape", [(16, 8, 8, 16), (32, 10), (2, 3, 4, 5, 6)], ids=["NHWC", "NC", "rank5"])
+def test_onednn_path_against_numpy(shape, relu):
+    x, g, scale, bias = away_from_relu_kink(shape, seed=len(shape))
+
+    def loss(x, scale, bias):
+        y, mean, var = fast_norm.batch_norm_act_train(x, scale, bias, 1e-5, relu)
+        return jnp.sum(y * g), (y, mean, var)
+
+    fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+    assert "jaxcnn_onednn_norm_bwd" in fn.lower(x, scale, bias).as_text()  # the oneDNN kernels, not XLA's
+    (_, (y, mean, var)), (dx, dscale, dbias) = fn(x, scale, bias)
+    want = numpy_bn_relu_grads(x, g, scale, bias, relu)
+    for got, expected in zip((y, mean, var, dx, dscale, dbias), want):
+        np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=2e-4, atol=2e-4)
+
+
+@needs_onednn
+def test_onednn_path_statistics_cotangents_and_second_derivatives():
+    """Losses that use the batch mean and variance, and a Hessian-vector product: the same as the JAX reference."""
+    x, g, scale, bias = away_from_relu_kink((8, 4, 4, 8), seed=5)
+    v = jnp.asarray(np.random.default_rng(6).standard_normal(x.shape), jnp.float32)
+
+    def loss_with(fn):
+        def loss(x, scale, bias):
+            y, mean, var = fn(x, scale, bias)
+            return jnp.sum(jnp.tanh(y) * g) + jnp.sum(mean ** 2) + jnp.sum(jnp.sqrt(var))
+        return loss
+
+    fast = loss_with(lambda x, s, b: fast_norm.batch_norm_act_train(x, s, b, 1e-5, True))
+    ref = loss_with(lambda x, s, b: reference_bn_relu(x, s, b, True))
+    for got, want in zip(jax.grad(fast, (0, 1, 2))(x, scale, bias), jax.grad(ref, (0, 1, 2))(x, scale, bias)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    def hvp(loss):  # reverse over reverse: custom_vjp functions (this layer, batch_norm_train) have no forward mode
+        return jax.grad(lambda x, s: jnp.vdot(jax.grad(loss)(x, s, bias), v), (0, 1))(x, scale)
+
+    for got, want in zip(hvp(fast), hvp(ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@needs_onednn
+def test_onednn_path_under_vmap():
+    x, g, scale, bias = away_from_relu_kink((3, 8, 4, 4, 8), seed=7)  # 3 independent batches of [8, 4, 4, 8]
+    fast = jax.vmap(lambda x: fast_norm.batch_norm_act_train(x, scale, bias, 1e-5, True))
+    ref = jax.vmap(lambda x: reference_bn_relu(x, scale, bias, True))
+    for got, want in zip(fast(x), ref(x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    dfast = jax.grad(lambda x: jnp.sum(fast(x)[0] * g))(x)
+    dref = jax.grad(lambda x: jnp.sum(ref(x)[0] * g))(x)
+    np.testing.assert_allclose(dfast, dref, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_exported_for_gpu_without_cpu_kernels():
+    """A training step traced here and exported for CUDA holds XLA's BatchNorm, not the CPU's custom calls."""
+    x, g, scale, bias = away_from_relu_kink((8, 4, 4, 8), seed=10)
+    step = jax.jit(jax.grad(lambda x, s, b: jnp.sum(fast_norm.batch_norm_act_train(x, s, b, 1e-5, True)[0] * g),
+                            (0, 1, 2)))
+    cuda = jax.export.export(step, platforms=["cuda"])(x, scale, bias).mlir_module()
+    assert "jaxcnn_onednn" not in cuda
+    assert "jaxcnn_onednn_norm_bwd" in step.lower(x, scale, bias).as_text()
+
+
+def test_xla_path_off_the_cpu_or_when_switched_off(monkeypatch):
+    """Other backends (and JAXCNN_ONEDNN=0) run the composition in XLA, with the same values."""
+    x, g, scale, bias = away_from_relu_kink((8, 4, 4, 8), seed=8)
+    want = reference_bn_relu(x, scale, bias, True)
+    for patch in (lambda: monkeypatch.setattr(onednn.jax, "default_backend", lambda: "gpu"),
+                  lambda: monkeypatch.setenv("JAXCNN_ONEDNN", "0")):
+        patch()
+        fn = jax.jit(lambda x: fast_norm.batch_norm_act_train(x, scale, bias, 1e-5, True))
+        assert "jaxcnn_onednn" not in fn.lower(x).as_text()
+        for got, expected in zip(fn(x), want):
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("axis_name", [None, "batch"])
+def test_make_norm_with_activation_is_the_composition(axis_name):
+    """make_norm(..., activation=relu) is relu(make_norm(...)): same variables, values, statistics and gradients,
+    fused into the fast BatchNorm when there is no axis_name; other activations are applied after the norm."""
+    x, g, _, _ = away_from_relu_kink((8, 4, 4, 6), seed=9)
+    if axis_name is None:
+        assert isinstance(layers.make_norm("batch", train=True, activation=jax.nn.relu), fast_norm.BatchNorm)
+    variables = variables_for(fast_bn(True) if axis_name is None else flax_bn(True), x)
+
+    def run(layer_fn):
+        class Host(nn.Module):
+            @nn.compact
+            def __call__(self, v):
+                return layer_fn()(v)
+
+        def loss(params, x):
+            y, upd = Host().apply({"params": {"norm": params}, "batch_stats": {"norm": variables["batch_stats"]}},
+                                  x, mutable=["batch_stats"])
+            return jnp.sum(y * g), (y, upd)
+
+        if axis_name is not None:
+            return jax.vmap(jax.value_and_grad(loss, (0, 1), has_aux=True), in_axes=(None, 0),
+                            axis_name=axis_name)(variables["params"], x[None])
+        return jax.value_and_grad(loss, (0, 1), has_aux=True)(variables["params"], x)
+
+    for act in (jax.nn.relu, jax.nn.gelu):
+        fused = run(lambda: layers.make_norm("batch", train=True, axis_name=axis_name, name="norm", activation=act))
+        composed = run(lambda: (lambda n: (lambda v: act(n(v))))(
+            layers.make_norm("batch", train=True, axis_name=axis_name, name="norm")))
+        for got, want in zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(composed)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
