@@ -216,7 +216,9 @@ def test_resume_onto_another_device_count(tmp_path, mnist_dir, monkeypatch):
 
     assert jax.device_count() == 8
     # No dropout or crops: pmap draws them per device, single for the whole batch.
-    common = ("train.steps=30", "checkpoint.every_steps=100", "checkpoint.every_epoch=false", "model.dropout=0.0",
+    # 20 steps: the runs part at step 12 and then drift apart as float rounding grows (BatchNorm's sums differ between
+    # flax's pmap layer and oneDNN's single-device kernels); by step 30 this lr's spikes have amplified it to ~1%.
+    common = ("train.steps=20", "checkpoint.every_steps=100", "checkpoint.every_epoch=false", "model.dropout=0.0",
               "data.crop_padding=0")
     one_go = train(config(mnist_dir, *common, "parallel.strategy=pmap"), tmp_path / "one_go")
     assert one_go["device_count"] == 8
@@ -238,7 +240,7 @@ def test_resume_onto_another_device_count(tmp_path, mnist_dir, monkeypatch):
         assert ckpt_lib.list_steps(workdir / "checkpoints") == [12]
         summary = train(config(mnist_dir, *common, f"parallel.strategy={second}"), workdir)
         assert summary["resumed_from_step"] == 12 and summary["strategy"] == second
-        ref, got = leaves_of(tmp_path / "one_go", 30), leaves_of(workdir, 30)
+        ref, got = leaves_of(tmp_path / "one_go", 20), leaves_of(workdir, 20)
         for k in ref:
             np.testing.assert_allclose(got[k], ref[k], rtol=2e-3, atol=2e-4, err_msg=k)
 
