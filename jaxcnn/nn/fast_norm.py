@@ -13,6 +13,15 @@ which ran 25% faster than flax's on CIFAR ResNet shapes on 2 CPU cores (benchmar
 shard_map (a BatchNorm ``axis_name``) `make_norm` keeps flax's BatchNorm, which averages the statistics over the
 devices; under jit with a sharded batch this layer's sums are global already.
 
+On the CPU backend, float32 training-mode BatchNorm runs in oneDNN's batch-normalisation kernels instead
+(`batch_norm_act_train`, XLA FFI calls built with the convolutions, `jaxcnn.nn.onednn`), fused with the ReLU that
+follows it when the layer has ``relu=True`` (what `layers.make_norm(..., activation=jax.nn.relu)` and every
+conv-BN-ReLU block build): one forward call (statistics, normalisation, ReLU, the ReLU's bit mask) and one backward
+call. On a CIFAR ResNet's first stage (128x32x32x16) forward and backward take 2.0 ms against 4.7 ms for XLA's
+fusions on 2 cores; ResNet-20's training step went from 620 to 700-760 images/s. The derivatives of those calls are
+these JAX formulas (second derivatives work); a function traced here and exported for another platform gets the
+XLA version (`lax.platform_dependent`).
+
 Variables are named as flax's (``params: scale, bias``; ``batch_stats: mean, var``), so checkpoints and
 parameter trees are interchangeable.
 """

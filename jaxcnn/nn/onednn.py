@@ -20,6 +20,9 @@ convolutions. ``JAXCNN_ONEDNN=0`` turns this module off (to compare against XLA'
 cannot be built, one warning says why and what to install (``apt-get install g++ libdnnl-dev``).
 
 Shapes: ``x [N, H, W, Cin]``, ``w [KH, KW, Cin / groups, Cout]`` (HWIO), ``y [N, Ho, Wo, Cout]``.
+
+The same library holds oneDNN's training-mode batch normalisation (`csrc/onednn_norm.cc`: `norm_forward`,
+`norm_backward`, optionally fused with the ReLU after it), which `jaxcnn.nn.fast_norm` wraps in derivative rules.
 """
 
 from __future__ import annotations

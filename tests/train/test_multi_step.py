@@ -92,11 +92,12 @@ def test_steps_per_call_match_one_call_per_step(name: str, data: Any, reference:
 
 
 def test_random_augmentation_uses_the_same_keys_as_per_step_calls(data: Any) -> None:
-    """Random crops and flips inside the loop draw from fold_in(base, step): bit-identical to per-step calls."""
+    """Random crops and flips inside the loop draw from fold_in(base, step): the same as per-step calls to float
+    rounding (the loop and the single step are different XLA programs, fused differently around oneDNN's calls)."""
     opts = StepOptions(num_classes=CLASSES, mean=(120.0,) * 3, std=(70.0,) * 3, crop_padding=2, flip="random")
     ref_state, _ = per_step_reference(opts, data)
     got, _ = chunked_run(parallel.make_strategy(ParallelConfig(strategy="single"), BATCH), opts, data)
-    assert_trees_close(compared(got), compared(ref_state), atol=1e-6)
+    assert_trees_close(compared(got), compared(ref_state), atol=1e-6, rtol=2e-6)
     # and the comparison is not vacuous: the augmentation changed the parameters
     other = jax.tree_util.tree_leaves(per_step_reference(OPTS, data)[0].params)
     assert any(not np.allclose(a, b, atol=1e-6) for a, b in zip(jax.tree_util.tree_leaves(got.params), other))

@@ -56,12 +56,12 @@ def compared(state: Any) -> tuple[Any, Any, Any]:
     return state.params, state.batch_stats, state.opt_state
 
 
-def assert_trees_close(a: Any, b: Any, atol: float = 1e-5) -> None:
+def assert_trees_close(a: Any, b: Any, atol: float = 1e-5, rtol: float = 0.0) -> None:
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
     assert len(la) == len(lb) > 0
     for x, y in zip(la, lb):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
 
 
 def reference_run(model_knobs: dict[str, Any], data: list[dict[str, np.ndarray]]) -> tuple[Any, list[Any]]:
