@@ -63,7 +63,8 @@ class AlexNet(ClassifierBase):
             name = f"block{i + 1}"
             strides, padding = (self.stem_stride, self.stem_padding) if i == 0 else (1, None)
             check_downsample(x, strides, f"AlexNet {name} conv (input {input_shape})")
-            x = block(self.scaled(channels), k, strides=strides, padding=padding, name=f"{name}_conv")(x)
+            x = block(self.scaled(channels), k, strides=strides, padding=padding, pool_follows=i + 1 in self.pool_after,
+                      name=f"{name}_conv")(x)
             if i + 1 in self.pool_after:
                 x = layers.Pool2d(self.pool, window=3, strides=2, name=f"{name}_pool")(x)
             features[name] = x

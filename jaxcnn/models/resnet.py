@@ -125,7 +125,8 @@ class ResNet(ClassifierBase):
 
         if self.stem == "imagenet":
             check_downsample(x, 2, f"{name} stem conv (input {input_shape})")
-            x = ConvNormAct(self.stem_width, 7, strides=2, conv=conv, norm=norm, act=act, name="stem")(x)
+            x = ConvNormAct(self.stem_width, 7, strides=2, conv=conv, norm=norm, act=act, pool_follows=True,
+                            name="stem")(x)
             check_downsample(x, 2, f"{name} stem pool (input {input_shape})")
             x = layers.Pool2d(self.pool, window=3, strides=2, padding=1, name="stem_pool")(x)
         elif self.preact:

@@ -64,7 +64,8 @@ class VGG(ClassifierBase):
             for j in range(size):
                 strides = 2 if self.downsample == "conv" and j == size - 1 else 1
                 check_downsample(x, strides, f"VGG {stage} conv{j + 1} (input {input_shape})")
-                x = block(self.scaled(channels), strides=strides, name=f"{stage}_conv{j + 1}")(x)
+                pooled = self.downsample == "pool" and j == size - 1
+                x = block(self.scaled(channels), strides=strides, pool_follows=pooled, name=f"{stage}_conv{j + 1}")(x)
             if self.downsample == "pool":
                 check_downsample(x, 2, f"VGG {stage} pool (input {input_shape})")
                 x = layers.Pool2d(self.pool, window=2, strides=2, name=f"{stage}_pool")(x)

@@ -32,16 +32,19 @@ def _no_norm(name: str | None = None, zero_init: bool = False) -> Callable[[jax.
 
 
 def norm_act(norm: ModuleDef, act: Callable[[jax.Array], jax.Array] | None, *, name: str,
-             **kwargs: Any) -> Callable[[jax.Array], jax.Array]:
+             pool_follows: bool = False, **kwargs: Any) -> Callable[[jax.Array], jax.Array]:
     """``act(norm(name=name, **kwargs)(x))`` as one callable (``act=None``: the norm alone).
 
     A `layers.make_norm` factory (what the models pass) gets the activation itself, so that BatchNorm-then-ReLU
-    runs as one fused kernel where there is one; any other norm factory is called and the activation applied after.
+    runs as one fused kernel where there is one, and `pool_follows` (a pooling layer comes next, see
+    `layers.make_norm`); any other norm factory is called and the activation applied after.
     """
+    takes_activation = norm is layers.make_norm or (isinstance(norm, functools.partial)
+                                                    and norm.func is layers.make_norm)
+    if takes_activation:
+        return norm(name=name, activation=act, pool_follows=pool_follows, **kwargs)
     if act is None:
         return norm(name=name, **kwargs)
-    if norm is layers.make_norm or (isinstance(norm, functools.partial) and norm.func is layers.make_norm):
-        return norm(name=name, activation=act, **kwargs)
     layer = norm(name=name, **kwargs)
     return lambda x: act(layer(x))
 
@@ -111,6 +114,7 @@ class ConvNormAct(nn.Module):
     conv: ModuleDef = layers.Conv2d
     norm: ModuleDef = _no_norm
     act: Callable[[jax.Array], jax.Array] | None = jax.nn.relu
+    pool_follows: bool = False  # a pooling layer comes next (see layers.make_norm; changes no values)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -121,7 +125,8 @@ class ConvNormAct(nn.Module):
         )
         if self.preact:
             return conv(norm_act(self.norm, self.act, name="norm")(x))
-        return norm_act(self.norm, self.act, name="norm", zero_init=self.zero_init)(conv(x))
+        return norm_act(self.norm, self.act, name="norm", zero_init=self.zero_init,
+                        pool_follows=self.pool_follows)(conv(x))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -203,14 +203,19 @@ def _onednn_bwd(geometry, residuals, cotangents):
 _batch_norm_onednn.defvjp(_onednn_fwd, _onednn_bwd, symbolic_zeros=True)
 
 
-def batch_norm_act_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool):
+def batch_norm_act_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool,
+                         use_onednn: bool = True):
     """`batch_norm_train`, then ``jax.nn.relu`` on y when `relu`: ``(y, mean, var)`` as that composition gives.
 
-    On the CPU backend, for float32 operands, both passes (and the ReLU, and its mask in the backward pass) run in
-    oneDNN's batch-normalisation kernels (`jaxcnn.nn.onednn.norm_forward`): 2.3x faster than XLA's fusions for a
-    CIFAR ResNet's first stage on 2 cores (benchmarks/README.md). Elsewhere this is the composition itself.
+    On the CPU backend, for float32 operands and with `use_onednn`, both passes (and the ReLU, and its mask in the
+    backward pass) run in oneDNN's batch-normalisation kernels (`jaxcnn.nn.onednn.norm_forward`): 2.3x faster than
+    XLA's fusions for a CIFAR ResNet's first stage on 2 cores (benchmarks/README.md). Elsewhere, and with
+    ``use_onednn=False`` (for a layer a pool follows: XLA fuses the normalisation, the ReLU and the pool, which
+    beat oneDNN's kernels plus a separate pool), this is the composition itself.
     """
-    geometry = onednn.norm_usable(x.shape, (x.dtype, scale.dtype, bias.dtype), relu=relu, epsilon=epsilon)
+    geometry = None
+    if use_onednn:
+        geometry = onednn.norm_usable(x.shape, (x.dtype, scale.dtype, bias.dtype), relu=relu, epsilon=epsilon)
     if geometry is not None:
         return _batch_norm_onednn(x, scale, bias, geometry)
     y, mean, var = batch_norm_train(x, scale, bias, epsilon)
@@ -225,6 +230,7 @@ class BatchNorm(nn.Module):
     (None: promote the input and parameter dtypes); statistics are float32. ``relu=True`` applies ``jax.nn.relu``
     to the output (the layer is then ``relu(BatchNorm(x))``, conv-BN-ReLU's last two steps), which training on the
     CPU runs fused with the normalisation (`batch_norm_act_train`); the variables are the same either way.
+    ``use_onednn=False`` keeps training in XLA's fusions (same values): better when a pool follows.
     """
 
     use_running_average: bool = False
@@ -235,6 +241,7 @@ class BatchNorm(nn.Module):
     scale_init: Callable[..., jax.Array] = nn.initializers.ones
     bias_init: Callable[..., jax.Array] = nn.initializers.zeros
     relu: bool = False
+    use_onednn: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -249,7 +256,7 @@ class BatchNorm(nn.Module):
             y = y + bias.astype(jnp.float32)
             y = jax.nn.relu(y) if self.relu else y
         else:
-            y, mean, var = batch_norm_act_train(x, scale, bias, self.epsilon, self.relu)
+            y, mean, var = batch_norm_act_train(x, scale, bias, self.epsilon, self.relu, self.use_onednn)
             if not self.is_initializing():
                 mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean

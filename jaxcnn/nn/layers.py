@@ -292,6 +292,7 @@ def make_norm(
     dtype: Dtype | None = None,
     name: str | None = None,
     activation: Callable[[jax.Array], jax.Array] | None = None,
+    pool_follows: bool = False,
 ) -> Callable[[jax.Array], jax.Array]:
     """A normalisation layer by name, for models that take the norm as a knob. Call the result on ``[N, H, W, C]``.
 
@@ -311,11 +312,13 @@ def make_norm(
 
     ``activation`` (e.g. ``jax.nn.relu``) is applied to the norm's output: ``make_norm(..., activation=act)(x)``
     is ``act(make_norm(...)(x))`` with the same variables. Blocks pass it so that norm-then-ReLU runs as one fused
-    kernel where there is one (`fast_norm.BatchNorm` with ``relu=True``, on the CPU).
+    kernel where there is one (`fast_norm.BatchNorm` with ``relu=True``, on the CPU). ``pool_follows=True`` says a
+    pooling layer comes next, whose XLA fusion with the normalisation and the activation beats oneDNN's fused
+    kernel (`fast_norm.BatchNorm` with ``use_onednn=False``); it changes no values.
     """
     norm = _make_norm(kind, train=train, momentum=momentum, epsilon=epsilon, axis_name=axis_name,
                       virtual_batch_size=virtual_batch_size, num_groups=num_groups, zero_init=zero_init, dtype=dtype,
-                      name=name, fused_relu=activation is jax.nn.relu)
+                      name=name, fused_relu=activation is jax.nn.relu, use_onednn=not pool_follows)
     if activation is None or (isinstance(norm, fast_norm.BatchNorm) and norm.relu):
         return norm
     return lambda x: activation(norm(x))
@@ -323,7 +326,7 @@ def make_norm(
 
 def _make_norm(kind: NormKind, *, train: bool, momentum: float, epsilon: float, axis_name: str | None,
                virtual_batch_size: int | None, num_groups: int, zero_init: bool, dtype: Dtype | None,
-               name: str | None, fused_relu: bool) -> Callable[[jax.Array], jax.Array]:
+               name: str | None, fused_relu: bool, use_onednn: bool) -> Callable[[jax.Array], jax.Array]:
     scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
     if kind == "batch":
         if virtual_batch_size is not None:
@@ -340,7 +343,7 @@ def _make_norm(kind: NormKind, *, train: bool, momentum: float, epsilon: float, 
         if axis_name is None:  # flax's BatchNorm mathematics with a faster backward pass (fast_norm.py)
             return fast_norm.BatchNorm(
                 use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype,
-                scale_init=scale_init, name=name, relu=fused_relu,
+                scale_init=scale_init, name=name, relu=fused_relu, use_onednn=use_onednn,
             )
         return nn.BatchNorm(
             use_running_average=not train,

@@ -265,3 +265,24 @@ def test_make_norm_with_activation_is_the_composition(axis_name):
             layers.make_norm("batch", train=True, axis_name=axis_name, name="norm")))
         for got, want in zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(composed)):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_pool_follows_keeps_xla_fusions_with_the_same_values():
+    """make_norm(pool_follows=True): the XLA path (no custom call), same variables, outputs and gradients."""
+    x, g, _, _ = away_from_relu_kink((8, 4, 4, 6), seed=11)
+    layers_by_flag = {flag: layers.make_norm("batch", train=True, activation=jax.nn.relu, pool_follows=flag)
+                      for flag in (False, True)}
+    assert not layers_by_flag[True].use_onednn and layers_by_flag[False].use_onednn
+    variables = variables_for(fast_bn(True), x)
+    results = {}
+    for flag, layer in layers_by_flag.items():
+        def loss(params, x, layer=layer):
+            y, upd = layer.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            return jnp.sum(y * g), (y, upd)
+
+        fn = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
+        assert ("jaxcnn_onednn_norm" in fn.lower(variables["params"], x).as_text()) is not flag
+        results[flag] = fn(variables["params"], x)
+    for got, want in zip(jax.tree_util.tree_leaves(results[True]), jax.tree_util.tree_leaves(results[False])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
