@@ -74,18 +74,37 @@ def _bn_fwd(x, scale, bias, epsilon):
     return (y, mean, var), (x, mean, rstd, scale, bias)
 
 
+def _normalized_grad(xhat, dy, rstd, scale):
+    """(dx, dscale, dbias) of y = xhat * scale + bias, xhat = (x - mean) * rstd with the batch statistics, for
+    the cotangent dy (float32):
+
+        dbias = sum(dy),  dscale = sum(dy * xhat),  dx = scale * rstd * (dy - dbias / M - xhat * dscale / M)
+    """
+    axes = _reduction_axes(xhat)
+    m = xhat.size // xhat.shape[-1]
+    dbias = jnp.sum(dy, axes)
+    dscale = jnp.sum(dy * xhat, axes)
+    dx = (scale * rstd) * (dy - dbias / m - xhat * (dscale / m))
+    return dx, dscale, dbias
+
+
+def _add_statistics_cotangents(dx, x32, mean, dmean, dvar):
+    """dx plus what the batch mean's and variance's own cotangents contribute (None: a symbolic zero). They are
+    outputs too (for the running averages), and their cotangents are normally zero."""
+    m = x32.size // x32.shape[-1]
+    if dmean is not None:
+        dx = dx + dmean / m
+    if dvar is not None:
+        dx = dx + dvar * (2.0 / m) * (x32 - mean)
+    return dx
+
+
 def _bn_bwd(epsilon, residuals, cotangents):
     x, mean, rstd, scale, bias = residuals
     dy, dmean, dvar = cotangents
-    axes = _reduction_axes(x)
-    m = x.size // x.shape[-1]
     x32 = x.astype(jnp.float32)
-    xhat = (x32 - mean) * rstd
-    dbias = jnp.sum(dy, axes)
-    dscale = jnp.sum(dy * xhat, axes)
-    dx = (scale.astype(jnp.float32) * rstd) * (dy - dbias / m - xhat * (dscale / m))
-    # The batch statistics are outputs too (for the running averages); their cotangents are normally zero.
-    dx = dx + dmean / m + dvar * (2.0 / m) * (x32 - mean)
+    dx, dscale, dbias = _normalized_grad((x32 - mean) * rstd, dy, rstd, scale.astype(jnp.float32))
+    dx = _add_statistics_cotangents(dx, x32, mean, dmean, dvar)
     return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
@@ -100,16 +119,17 @@ def _reference_grad(x, dy, mean, var, scale, bias, epsilon, relu):
     The ReLU's mask is recomputed from x (where it equals oneDNN's, i.e. except for pre-activations within
     rounding of 0). Its derivatives are the second derivatives of the fused layer.
     """
-    axes = _reduction_axes(x)
-    m = x.size // x.shape[-1]
     rstd = lax.rsqrt(var + epsilon)
     xhat = (x - mean) * rstd
     if relu:
         dy = jnp.where(xhat * scale + bias > 0, dy, 0.0)
-    dbias = jnp.sum(dy, axes)
-    dscale = jnp.sum(dy * xhat, axes)
-    dx = (scale * rstd) * (dy - dbias / m - xhat * (dscale / m))
-    return dx, dscale, dbias
+    return _normalized_grad(xhat, dy, rstd, scale)
+
+
+def _reference_forward(x, scale, bias, epsilon, relu):
+    """`batch_norm_train`'s forward pass, then the ReLU when `relu`: ``(y, mean, var)``."""
+    y, mean, var, _ = _forward(x, scale, bias, epsilon)
+    return (jax.nn.relu(y) if relu else y), mean, var
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -122,11 +142,7 @@ def _onednn_forward(x, scale, bias, geometry):
 @_onednn_forward.defjvp
 def _onednn_forward_jvp(geometry, primals, tangents):
     out = _onednn_forward(*primals, geometry)
-
-    def reference(x, scale, bias):
-        y, mean, var, _ = _forward(x, scale, bias, geometry.epsilon)
-        return (jax.nn.relu(y) if geometry.relu else y), mean, var
-
+    reference = functools.partial(_reference_forward, epsilon=geometry.epsilon, relu=geometry.relu)
     _, (dy, dmean, dvar) = jax.jvp(reference, primals, tangents)
     return out, (dy, dmean, dvar, np.zeros(out[3].shape, jax.dtypes.float0))
 
@@ -163,8 +179,7 @@ def _platform_forward(x, scale, bias, geometry):
     """oneDNN's forward pass on the CPU; on other platforms (a function traced here, exported for a GPU) its
     JAX operations, with a workspace of zeros."""
     def default(x, scale, bias):
-        y, mean, var, _ = _forward(x, scale, bias, geometry.epsilon)
-        y = jax.nn.relu(y) if geometry.relu else y
+        y, mean, var = _reference_forward(x, scale, bias, geometry.epsilon, geometry.relu)
         return y, mean, var, jnp.zeros((onednn.norm_workspace_bytes(geometry),), jnp.uint8)
 
     return lax.platform_dependent(x, scale, bias, cpu=functools.partial(_onednn_forward, geometry=geometry),
@@ -191,13 +206,11 @@ def _onednn_bwd(geometry, residuals, cotangents):
     if isinstance(dy, SymbolicZero):
         dy = jnp.zeros(x.shape, jnp.float32)
     dx, dscale, dbias = _platform_grad(x, dy, mean, var, scale, bias, workspace, geometry)
-    # The statistics' cotangents are zero in training (they only feed the running averages): symbolic, skipped.
-    m = x.size // x.shape[-1]
-    if not isinstance(dmean, SymbolicZero):
-        dx = dx + dmean / m
-    if not isinstance(dvar, SymbolicZero):
-        dx = dx + dvar * (2.0 / m) * (x - mean)
-    return dx, dscale, dbias
+    # In training the statistics' cotangents are symbolic zeros (they only feed the running averages): skipped.
+    def given(ct):
+        return None if isinstance(ct, SymbolicZero) else ct
+
+    return _add_statistics_cotangents(dx, x, mean, given(dmean), given(dvar)), dscale, dbias
 
 
 _batch_norm_onednn.defvjp(_onednn_fwd, _onednn_bwd, symbolic_zeros=True)

@@ -55,6 +55,7 @@ _TARGETS = {FORWARD: ("jaxcnn_onednn_conv_fwd", "JaxcnnConvFwd"),
 _NORM_TARGETS = {"forward": ("jaxcnn_onednn_norm_fwd", "JaxcnnNormFwd"),
                  "backward": ("jaxcnn_onednn_norm_bwd", "JaxcnnNormBwd")}
 _SOURCES = (Path(__file__).with_name("csrc") / "onednn_conv.cc", Path(__file__).with_name("csrc") / "onednn_norm.cc")
+_HEADERS = (Path(__file__).with_name("csrc") / "onednn_common.h",)  # included by both sources
 _INSTALL_HINT = ("install a C++ compiler and oneDNN's headers (Debian/Ubuntu: `apt-get install g++ libdnnl-dev`), "
                  "or set JAXCNN_ONEDNN=0 to silence this")
 
@@ -155,8 +156,8 @@ def _compile(sources: tuple[Path, ...], include_dir: str, out: Path) -> None:
 
 def _library_path() -> Path:
     """Where the compiled library for these sources and this jaxlib's FFI headers lives."""
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES) + jax.ffi.include_dir().encode() +
-                            jax.__version__.encode()).hexdigest()[:16]
+    text = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
+    digest = hashlib.sha256(text + jax.ffi.include_dir().encode() + jax.__version__.encode()).hexdigest()[:16]
     return _cache_dir() / f"libjaxcnn_onednn_{digest}.so"
 
 

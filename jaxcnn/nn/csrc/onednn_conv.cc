@@ -33,6 +33,7 @@
 #include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "onednn_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -44,21 +45,13 @@ namespace {
 
 enum Op : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-// OpenMP's thread count as the process started (OMP_NUM_THREADS, else the cores), read when the library loads.
-const int kDefaultThreads = omp_get_max_threads();
-
 struct Geometry {
   int64_t n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups, threads;
 
   std::vector<int64_t> Key(Op op) const {
     return {op, n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups, threads};
   }
-  // oneDNN sizes its work split when a primitive is built and runs it with that many threads: set the calling
-  // thread's OpenMP thread count before both. The count is per thread and sticks, and XLA runs custom calls on
-  // whichever of its threads is free, so 0 (all) must set the default back, not leave what an earlier call set.
-  void SetThreads() const {
-    omp_set_num_threads(threads > 0 ? static_cast<int>(threads) : kDefaultThreads);
-  }
+  void SetThreads() const { jaxcnn::SetThreads(threads); }
   memory::desc Src() const { return memory::desc({n, cin, h, w}, dt::f32, tag::nhwc); }
   memory::desc Dst() const { return memory::desc({n, cout, ho, wo}, dt::f32, tag::nhwc); }
   // HWIO as jaxcnn stores kernels (hwigo with groups), or `any`: the layout oneDNN prefers.
@@ -74,10 +67,7 @@ struct Geometry {
   memory::dims PadR() const { return {pb, pr}; }
 };
 
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
+using jaxcnn::Engine;
 
 struct Entry {
   dnnl::primitive primitive;
@@ -250,8 +240,7 @@ extern "C" const char* JaxcnnConvImpl(int64_t op, const int64_t* d, char* error,
   try {
     return Get(g, static_cast<Op>(op))->impl.c_str();  // cache entries live as long as the process
   } catch (const std::exception& err) {
-    std::strncpy(error, err.what(), static_cast<size_t>(error_len - 1));
-    error[error_len - 1] = '\0';
+    jaxcnn::CopyError(err, error, error_len);
     return nullptr;
   }
 }

@@ -27,6 +27,7 @@
 #include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "onednn_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -36,12 +37,7 @@ using dt = dnnl::memory::data_type;
 
 namespace {
 
-const int kDefaultThreads = omp_get_max_threads();  // as in onednn_conv.cc
-
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
+using jaxcnn::Engine;
 
 struct NormGeometry {
   int64_t n, h, w, c, relu, threads;
@@ -52,7 +48,7 @@ struct NormGeometry {
     std::memcpy(&eps_bits, &epsilon, sizeof(eps_bits));
     return {n, h, w, c, relu, threads, eps_bits};
   }
-  void SetThreads() const { omp_set_num_threads(threads > 0 ? static_cast<int>(threads) : kDefaultThreads); }
+  void SetThreads() const { jaxcnn::SetThreads(threads); }
   memory::desc Data() const { return memory::desc({n, c, h, w}, dt::f32, tag::nhwc); }
   dnnl::normalization_flags Flags() const {
     auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
@@ -216,8 +212,7 @@ extern "C" int64_t JaxcnnNormWorkspace(const int64_t* d, float epsilon, char* er
   try {
     return static_cast<int64_t>(Get(FromQuery(d, epsilon))->workspace.get_size());
   } catch (const std::exception& err) {
-    std::strncpy(error, err.what(), static_cast<size_t>(error_len - 1));
-    error[error_len - 1] = '\0';
+    jaxcnn::CopyError(err, error, error_len);
     return -1;
   }
 }
