@@ -8,6 +8,12 @@ window axes, and the backward pass gives each window's gradient to the element X
 scanning the window row by row, the first element, replaced by each later one that the current choice is not
 ``>=`` to. That is the first maximum for ordinary numbers, and the same choice as XLA around NaN and -inf.
 
+On the CPU, float32 windows run in jaxcnn's own kernels (`onednn.max_pool_forward` / `max_pool_backward`,
+``csrc/max_pool.cc``): one pass forward writing the max and the choice, one pass backward, AVX-512 on XLA's thread
+pool. XLA's loop fusions read the input twice forward (the max, then the choice) and, with few channels in the
+minor dimension (LeNet-5's 6), ran unvectorised. Same values and the same choice; elsewhere (and for functions
+exported for a GPU, through `lax.platform_dependent`) the XLA formulation below runs.
+
 x: ``[N, H, W, C]`` -> ``[N, H // kh, W // kw, C]``; rows and columns beyond the last whole window are dropped
 (as 'valid' pooling does) and get zero gradient.
 """
@@ -18,7 +24,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
+from jaxcnn.nn import onednn
 from jaxcnn.nn.materialize import materialized
 
 
@@ -63,30 +72,90 @@ def _pool_and_choice(x: jax.Array, window: tuple[int, int]) -> tuple[jax.Array, 
     return y, choice
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool_tiled(x: jax.Array, window: tuple[int, int]) -> jax.Array:
-    return _pool(x, window)
-
-
-def _fwd(x, window):
-    # The choice is made once per window here and kept (1 byte per output), instead of being recomputed in the
-    # backward pass, where XLA fused it into the per-input-element loop (4x the work for 2x2 windows) and, with
-    # few channels (LeNet-5's 6) in the minor dimension, ran it unvectorised: 2.75 ms of an 11.7 ms LeNet-5 step.
-    y, choice = _pool_and_choice(x, window)
-    # x's height and width travel as the shape of an empty array (residuals must be arrays; it costs nothing).
-    return y, (materialized(choice, x.reshape(-1)[0]), jnp.zeros((0, *x.shape[1:3]), jnp.int8))
-
-
-def _bwd(window, residuals, g):
-    choice, hw = residuals
+def _scatter(g: jax.Array, choice: jax.Array, x_hw: tuple[int, int], window: tuple[int, int]) -> jax.Array:
+    """Each window's gradient g ``[N, Ho, Wo, C]`` at the element `choice` names; dx ``[N, H, W, C]``."""
     kh, kw = window
     position = jnp.arange(kh * kw, dtype=choice.dtype).reshape(1, 1, kh, 1, kw, 1)  # row-major index in the window
     chosen = choice[:, :, None, :, None, :] == position
     dxw = jnp.where(chosen, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))  # [N, Ho, kh, Wo, kw, C]
     n, ho, wo, c = g.shape
     dx = dxw.reshape(n, ho * kh, wo * kw, c)
-    h, w = hw.shape[1:]
-    return (jnp.pad(dx, ((0, 0), (0, h - ho * kh), (0, w - wo * kw), (0, 0))),)
+    h, w = x_hw
+    return jnp.pad(dx, ((0, 0), (0, h - ho * kh), (0, w - wo * kw), (0, 0)))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _native_scatter(g, choice, x_hw, window):
+    """`_scatter` in the native kernel. It is linear in g, and its tangent is `_scatter` of g's tangent (XLA
+    operations, which JAX can transpose), so forward mode and second derivatives work."""
+    n, _, _, c = g.shape
+    return onednn.max_pool_backward(g, choice, (n, *x_hw, c), window)
+
+
+@_native_scatter.defjvp
+def _native_scatter_jvp(x_hw, window, primals, tangents):
+    g, choice = primals
+    return _native_scatter(g, choice, x_hw, window), _scatter(tangents[0], choice, x_hw, window)
+
+
+def _gather(x: jax.Array, choice: jax.Array, window: tuple[int, int]) -> jax.Array:
+    """The element `choice` names in each window of x ``[N, H, W, C]``: ``[N, Ho, Wo, C]`` (`_scatter`'s
+    transpose)."""
+    kh, kw = window
+    xw = _windows(x, window)
+    out = jnp.zeros(choice.shape, x.dtype)
+    for k in range(kh * kw):
+        out = jnp.where(choice == k, xw[:, :, k // kw, :, k % kw, :], out)
+    return out
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _native_pool_and_choice(x, window):
+    """`_pool_and_choice` in the native kernel; y's tangent is x's tangent at the chosen element (XLA operations),
+    as for `lax.reduce_window`'s max, so forward mode and second derivatives work."""
+    return onednn.max_pool_forward(x, window)
+
+
+@_native_pool_and_choice.defjvp
+def _native_pool_and_choice_jvp(window, primals, tangents):
+    y, choice = _native_pool_and_choice(primals[0], window)
+    return (y, choice), (_gather(tangents[0], choice, window), np.zeros(choice.shape, jax.dtypes.float0))
+
+
+def _pool_and_choice_on_platform(x: jax.Array, window: tuple[int, int], native: bool):
+    """`_pool_and_choice`, in the native kernel on the CPU when `native`."""
+    if not native:
+        return _pool_and_choice(x, window)
+    return lax.platform_dependent(x, cpu=lambda x: _native_pool_and_choice(x, window),
+                                  default=lambda x: _pool_and_choice(x, window))
+
+
+def _scatter_on_platform(g, choice, x_hw, window, native: bool):
+    if not native:
+        return _scatter(g, choice, x_hw, window)
+    return lax.platform_dependent(g, choice, cpu=lambda g, c: _native_scatter(g, c, x_hw, window),
+                                  default=lambda g, c: _scatter(g, c, x_hw, window))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool_tiled(x: jax.Array, window: tuple[int, int], native: bool) -> jax.Array:
+    return _pool(x, window)
+
+
+def _fwd(x, window, native):
+    # The choice is made once per window here and kept (1 byte per output), instead of being recomputed in the
+    # backward pass, where XLA fused it into the per-input-element loop (4x the work for 2x2 windows) and, with
+    # few channels (LeNet-5's 6) in the minor dimension, ran it unvectorised: 2.75 ms of an 11.7 ms LeNet-5 step.
+    y, choice = _pool_and_choice_on_platform(x, window, native)
+    if not native:  # the native kernel's output is a custom call's: nothing for XLA to fuse into the backward pass
+        choice = materialized(choice, x.reshape(-1)[0])
+    # x's height and width travel as the shape of an empty array (residuals must be arrays; it costs nothing).
+    return y, (choice, jnp.zeros((0, *x.shape[1:3]), jnp.int8))
+
+
+def _bwd(window, native, residuals, g):
+    choice, hw = residuals
+    return (_scatter_on_platform(g, choice, hw.shape[1:], window, native),)
 
 
 _max_pool_tiled.defvjp(_fwd, _bwd)
@@ -100,7 +169,8 @@ def max_pool_tiled(x: jax.Array, window: tuple[int, int]) -> jax.Array:
     window = (int(window[0]), int(window[1]))
     if not jnp.issubdtype(x.dtype, jnp.floating):
         return _pool(x, window)
-    return _max_pool_tiled(x, window)
+    native = x.ndim == 4 and onednn.pool_usable(tuple(x.shape), x.dtype, window)
+    return _max_pool_tiled(x, window, native)
 
 
 __all__ = ["max_pool_tiled", "tiles"]

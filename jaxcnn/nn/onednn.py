@@ -22,7 +22,10 @@ cannot be built, one warning says why and what to install (``apt-get install g++
 Shapes: ``x [N, H, W, Cin]``, ``w [KH, KW, Cin / groups, Cout]`` (HWIO), ``y [N, Ho, Wo, Cout]``.
 
 The same library holds oneDNN's training-mode batch normalisation (`csrc/onednn_norm.cc`: `norm_forward`,
-`norm_backward`, optionally fused with the ReLU after it), which `jaxcnn.nn.fast_norm` wraps in derivative rules.
+`norm_backward`, optionally fused with the ReLU after it), which `jaxcnn.nn.fast_norm` wraps in derivative rules,
+and jaxcnn's own max pooling over non-overlapping windows (`csrc/max_pool.cc`: `max_pool_forward`,
+`max_pool_backward`; AVX-512 loops on XLA's thread pool, no oneDNN), which `jaxcnn.nn.fast_pool` wraps. The same
+switches (``JAXCNN_ONEDNN=0``, `xla_convolutions()`) turn all of them off.
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ _TARGETS = {FORWARD: ("jaxcnn_onednn_conv_fwd", "JaxcnnConvFwd"),
             BACKWARD_WEIGHTS: ("jaxcnn_onednn_conv_bwd_weights", "JaxcnnConvBwdWeights")}
 _NORM_TARGETS = {"forward": ("jaxcnn_onednn_norm_fwd", "JaxcnnNormFwd"),
                  "backward": ("jaxcnn_onednn_norm_bwd", "JaxcnnNormBwd")}
-_SOURCES = (Path(__file__).with_name("csrc") / "onednn_conv.cc", Path(__file__).with_name("csrc") / "onednn_norm.cc")
+_POOL_TARGETS = {"forward": ("jaxcnn_max_pool_fwd", "JaxcnnMaxPoolFwd"),
+                 "backward": ("jaxcnn_max_pool_bwd", "JaxcnnMaxPoolBwd")}
+_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("onednn_conv.cc", "onednn_norm.cc", "max_pool.cc"))
 _HEADERS = (Path(__file__).with_name("csrc") / "onednn_common.h",)  # included by both sources
 _INSTALL_HINT = ("install a C++ compiler and oneDNN's headers (Debian/Ubuntu: `apt-get install g++ libdnnl-dev`), "
                  "or set JAXCNN_ONEDNN=0 to silence this")
@@ -199,7 +204,7 @@ def _library() -> ctypes.CDLL | None:
                                             ctypes.c_int64]
         lib.JaxcnnNormImpl.restype = ctypes.c_char_p
         lib.JaxcnnNormImpl.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_float]
-        for target, symbol in (*_TARGETS.values(), *_NORM_TARGETS.values()):
+        for target, symbol in (*_TARGETS.values(), *_NORM_TARGETS.values(), *_POOL_TARGETS.values()):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         return lib
     except Exception as err:  # noqa: BLE001 - any failure means: keep XLA's convolutions, say why once
@@ -400,6 +405,50 @@ def norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, var: jax.Array, 
     return call(x, dy, mean, var, scale, workspace, **_norm_attrs(geometry))
 
 
-__all__ = ["Geometry", "NormGeometry", "available", "concurrent_devices", "conv2d", "conv_p", "enabled",
-           "implementations", "norm_backward", "norm_forward", "norm_usable", "norm_workspace_bytes",
-           "threads_per_device", "usable", "xla_convolutions"]
+# ---------------------------------------------------------------------------------------------------- max pooling
+
+POOL_SIMD: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxcnn_pool_simd", default=True)
+"""False: the pool kernels traced run their portable loops instead of AVX-512 (the same bits; for tests)."""
+
+
+def pool_usable(x_shape: tuple[int, ...], dtype, window: tuple[int, int]) -> bool:
+    """True when `max_pool_forward` / `max_pool_backward` should run: float32 ``[..., H, W, C]`` on the CPU
+    backend, a window of at most 127 elements (the choice is int8), no empty axis, and the library built."""
+    kh, kw = window
+    if not enabled() or jax.default_backend() != "cpu" or np.dtype(dtype) != np.float32:
+        return False
+    if len(x_shape) < 3 or not 1 <= kh * kw <= 127 or any(int(d) <= 0 for d in x_shape):
+        return False
+    return _library() is not None
+
+
+def _pool_attrs(window: tuple[int, int]) -> dict:
+    if _library() is None:  # builds and registers the targets on first use
+        raise RuntimeError(f"jaxcnn's native max pool is unavailable; to fix: {_INSTALL_HINT}")
+    return dict(kh=np.int64(window[0]), kw=np.int64(window[1]), simd=np.int64(POOL_SIMD.get()))
+
+
+def max_pool_forward(x: jax.Array, window: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """Max over each non-overlapping ``kh x kw`` window of x ``[..., H, W, C]`` float32, with the element XLA's
+    select-and-scatter would pick: ``(y [..., H // kh, W // kw, C], choice int8 (row-major index in the window))``.
+
+    Not differentiable by itself: `jaxcnn.nn.fast_pool` wraps it (and `max_pool_backward`) in derivative rules.
+    """
+    *lead, h, w, c = x.shape
+    out_shape = (*lead, h // window[0], w // window[1], c)
+    out = (jax.ShapeDtypeStruct(out_shape, np.float32), jax.ShapeDtypeStruct(out_shape, np.int8))
+    call = jax.ffi.ffi_call(_POOL_TARGETS["forward"][0], out, vmap_method="broadcast_all")
+    return call(x, **_pool_attrs(window))
+
+
+def max_pool_backward(g: jax.Array, choice: jax.Array, x_shape: tuple[int, ...], window: tuple[int, int]) -> jax.Array:
+    """dx ``x_shape`` float32: each window's g ``[..., Ho, Wo, C]`` at the element `choice` names, 0 elsewhere
+    (and on the rows and columns past the last whole window)."""
+    out = jax.ShapeDtypeStruct(tuple(x_shape), np.float32)
+    call = jax.ffi.ffi_call(_POOL_TARGETS["backward"][0], out, vmap_method="broadcast_all")
+    return call(g, choice, **_pool_attrs(window))
+
+
+__all__ = ["Geometry", "NormGeometry", "POOL_SIMD", "available", "concurrent_devices", "conv2d", "conv_p", "enabled",
+           "implementations", "max_pool_backward", "max_pool_forward", "norm_backward", "norm_forward",
+           "norm_usable", "norm_workspace_bytes", "pool_usable", "threads_per_device", "usable", "xla_convolutions"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxcnn.nn import fast_pool, functional
+from jaxcnn.nn import fast_pool, functional, onednn
 
 
 def plain_max_pool(x, window):
@@ -110,3 +110,99 @@ def test_second_order_derivatives_match_xla():
 
     np.testing.assert_allclose(np.asarray(hvp(lambda u: fast_pool.max_pool_tiled(u, (2, 2)))),
                                np.asarray(hvp(lambda u: plain_max_pool(u, (2, 2)))), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- the native kernel (CPU, float32)
+
+needs_native = pytest.mark.skipif(not onednn.available(), reason="jaxcnn's native library unavailable")
+
+
+def xla_path(x, window):
+    """The XLA formulation of the same custom VJP (what runs off the CPU): the reference for the native kernel."""
+    return fast_pool._max_pool_tiled(x, window, False)
+
+
+def native_path(x, window):
+    return fast_pool._max_pool_tiled(x, window, True)
+
+
+def awkward_input(shape, seed):
+    """Small integers (tied maxima) with NaN, +inf and -inf, including a window of -inf and windows of NaN."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, shape).astype(np.float32)
+    flat = x.reshape(-1)
+    picks = rng.choice(flat.size, size=max(3, flat.size // 50), replace=False)
+    flat[picks[0::3]] = np.nan
+    flat[picks[1::3]] = np.inf
+    flat[picks[2::3]] = -np.inf
+    x[0, :2, :2, 0] = -np.inf
+    return jnp.asarray(x)
+
+
+# Channel counts that take the kernel's packed path (several windows per vector: C = 1, 3, 6 with kw = 2, C = 1
+# with kw = 3), the one-window path (C = 6 with kw = 3, C = 16, 17, 40: full and masked vectors), 1x1 and 3x1
+# windows, and heights and widths that leave rows and columns past the last whole window.
+NATIVE_CASES = [((2, 8, 8, 1), (2, 2)), ((2, 9, 7, 3), (2, 2)), ((2, 28, 28, 6), (2, 2)), ((1, 9, 10, 1), (3, 3)),
+                ((2, 9, 10, 6), (3, 3)), ((2, 6, 6, 16), (2, 2)), ((1, 7, 9, 17), (2, 2)), ((1, 6, 5, 40), (3, 1)),
+                ((1, 4, 4, 5), (1, 1)), ((2, 5, 33, 2), (2, 2)), ((1, 1, 4, 2), (2, 2))]
+
+
+@needs_native
+@pytest.mark.parametrize("simd", [True, False], ids=["avx512", "portable"])
+@pytest.mark.parametrize("shape, window", NATIVE_CASES)
+def test_native_kernel_matches_the_xla_formulation_bit_for_bit(shape, window, simd):
+    """Same max (NaN-propagating), same chosen element (ties, NaN, infinities), same gradient, both loops."""
+    token = onednn.POOL_SIMD.set(simd)
+    try:
+        x = awkward_input(shape, seed=sum(shape))
+        ho, wo = shape[1] // window[0], shape[2] // window[1]
+        g = jnp.asarray(np.random.default_rng(5).standard_normal((shape[0], ho, wo, shape[3])).astype(np.float32))
+        y_native, vjp_native = jax.vjp(lambda v: native_path(v, window), x)
+        y_xla, vjp_xla = jax.vjp(lambda v: xla_path(v, window), x)
+        np.testing.assert_array_equal(np.asarray(y_native), np.asarray(y_xla))
+        np.testing.assert_array_equal(np.asarray(vjp_native(g)[0]), np.asarray(vjp_xla(g)[0]))
+        finite = jnp.nan_to_num(x, nan=0.5, posinf=3.0, neginf=-3.0)
+        dx = jax.grad(lambda v: jnp.sum(native_path(v, window) * g))(finite)
+        np.testing.assert_array_equal(np.asarray(dx), numpy_max_pool_grad(finite, window, g))
+    finally:
+        onednn.POOL_SIMD.reset(token)
+
+
+@needs_native
+def test_native_kernel_is_what_a_cpu_step_runs_and_composes_with_jit_vmap_and_derivatives():
+    rng = np.random.default_rng(6)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 8, 8, 6)).astype(np.float32))
+    loss = lambda pool: (lambda v: jnp.sum(jnp.sin(pool(v, (2, 2))) ** 2))  # noqa: E731
+    step = jax.jit(jax.vmap(jax.grad(loss(fast_pool.max_pool_tiled))))
+    text = step.lower(xs).as_text()
+    assert "jaxcnn_max_pool_fwd" in text and "jaxcnn_max_pool_bwd" in text
+    np.testing.assert_allclose(step(xs), jax.vmap(jax.grad(loss(plain_max_pool)))(xs), rtol=1e-6, atol=1e-6)
+    # Forward over reverse and reverse over reverse: the kernels' derivatives are XLA's gather and scatter.
+    v = jnp.asarray(rng.standard_normal(xs.shape[1:]).astype(np.float32))
+    hvp = lambda pool: jax.jvp(jax.grad(loss(pool)), (xs[0],), (v,))[1]  # noqa: E731
+    np.testing.assert_allclose(hvp(fast_pool.max_pool_tiled), hvp(plain_max_pool), rtol=1e-5, atol=1e-5)
+    rr = lambda pool: jax.grad(lambda u: jnp.sum(jax.grad(loss(pool))(u) * v))(xs[0])  # noqa: E731
+    np.testing.assert_allclose(rr(fast_pool.max_pool_tiled), rr(plain_max_pool), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_exported_for_gpu_without_the_native_kernel():
+    x = jnp.ones((2, 8, 8, 6))
+    step = jax.jit(jax.grad(lambda v: jnp.sum(fast_pool.max_pool_tiled(v, (2, 2)) ** 2)))
+    assert "jaxcnn_max_pool" in step.lower(x).as_text()
+    assert "jaxcnn_max_pool" not in jax.export.export(step, platforms=["cuda"])(x).mlir_module()
+
+
+def test_xla_formulation_off_the_cpu_for_other_dtypes_or_when_switched_off(monkeypatch):
+    x = awkward_input((2, 8, 8, 6), seed=7)
+    grad = lambda v: jax.grad(lambda u: jnp.sum(fast_pool.max_pool_tiled(u, (2, 2))))(v)  # noqa: E731
+    want = np.asarray(jax.grad(lambda u: jnp.sum(xla_path(u, (2, 2))))(x))
+    for patch in (lambda: monkeypatch.setattr(onednn.jax, "default_backend", lambda: "gpu"),
+                  lambda: monkeypatch.setenv("JAXCNN_ONEDNN", "0")):
+        patch()
+        assert "jaxcnn_max_pool" not in jax.jit(grad).lower(x).as_text()
+        np.testing.assert_array_equal(np.asarray(jax.jit(grad)(x)), want)
+        monkeypatch.undo()
+    assert not onednn.pool_usable((2, 8, 8, 6), jnp.bfloat16, (2, 2))
+    assert not onednn.pool_usable((2, 24, 24, 6), jnp.float32, (12, 12))  # 144 elements: an int32 choice
+    assert not onednn.pool_usable((0, 8, 8, 6), jnp.float32, (2, 2))

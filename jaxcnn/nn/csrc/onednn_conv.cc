@@ -170,6 +170,7 @@ Geometry FromShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi:
 ffi::Error Run(const Geometry& g, Op op, float* x, float* w, float* y) {
   try {
     auto e = Get(g, op);
+    jaxcnn::AllCoresGuard guard(g.threads);
     dnnl::stream stream(Engine());
     memory user_w(g.UserWeights(), Engine(), w);
     memory prim_w = e->reorder ? memory(e->weights, Engine()) : user_w;

@@ -123,6 +123,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Bu
   try {
     NormGeometry g = FromDims(x.dimensions(), epsilon, relu, threads);
     auto e = Get(g);
+    jaxcnn::AllCoresGuard guard(g.threads);
     dnnl::stream stream(Engine());
     memory::desc data = g.Data();
     memory src(data, Engine(), x.typed_data()), dst(data, Engine(), y->typed_data());
@@ -148,6 +149,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buff
   try {
     NormGeometry g = FromDims(x.dimensions(), epsilon, relu, threads);
     auto e = Get(g);
+    jaxcnn::AllCoresGuard guard(g.threads);
     dnnl::stream stream(Engine());
     memory::desc data = g.Data();
     memory src(data, Engine(), x.typed_data()), diff_dst(data, Engine(), dy.typed_data());
