@@ -59,8 +59,10 @@ _NORM_TARGETS = {"forward": ("jaxcnn_onednn_norm_fwd", "JaxcnnNormFwd"),
                  "backward": ("jaxcnn_onednn_norm_bwd", "JaxcnnNormBwd")}
 _POOL_TARGETS = {"forward": ("jaxcnn_max_pool_fwd", "JaxcnnMaxPoolFwd"),
                  "backward": ("jaxcnn_max_pool_bwd", "JaxcnnMaxPoolBwd")}
-_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("onednn_conv.cc", "onednn_norm.cc", "max_pool.cc"))
-_HEADERS = (Path(__file__).with_name("csrc") / "onednn_common.h",)  # included by both sources
+_MATMUL_TARGET = ("jaxcnn_onednn_matmul", "JaxcnnMatmul")
+_SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                 for name in ("onednn_conv.cc", "onednn_norm.cc", "onednn_matmul.cc", "max_pool.cc"))
+_HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("onednn_common.h", "parallel_for.h"))
 _INSTALL_HINT = ("install a C++ compiler and oneDNN's headers (Debian/Ubuntu: `apt-get install g++ libdnnl-dev`), "
                  "or set JAXCNN_ONEDNN=0 to silence this")
 
@@ -204,7 +206,8 @@ def _library() -> ctypes.CDLL | None:
                                             ctypes.c_int64]
         lib.JaxcnnNormImpl.restype = ctypes.c_char_p
         lib.JaxcnnNormImpl.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_float]
-        for target, symbol in (*_TARGETS.values(), *_NORM_TARGETS.values(), *_POOL_TARGETS.values()):
+        for target, symbol in (*_TARGETS.values(), *_NORM_TARGETS.values(), *_POOL_TARGETS.values(),
+                               _MATMUL_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         return lib
     except Exception as err:  # noqa: BLE001 - any failure means: keep XLA's convolutions, say why once
@@ -300,10 +303,11 @@ def _rhs_transpose(ct, lhs, rhs, *, op: str, geometry: Geometry):
     return _bind(lhs, ct, FORWARD, geometry)  # dw = W(x, dy): d(dy) = F(x, ct)
 
 
-def _batch(args, dims, *, op: str, geometry: Geometry):
-    """vmap: XLA's convolution, vectorised by JAX as usual."""
-    fn = functools.partial(_xla_impl, op=op, geometry=geometry)
-    return jax.vmap(fn, in_axes=dims)(*args), 0
+def _vmap_through(xla_impl):
+    """A batching rule: under vmap the primitive runs as `xla_impl` (XLA's op), vectorised by JAX as usual."""
+    def rule(args, dims, **params):
+        return jax.vmap(functools.partial(xla_impl, **params), in_axes=dims)(*args), 0
+    return rule
 
 
 def _cpu_lowering(ctx, lhs, rhs, *, op: str, geometry: Geometry):
@@ -315,7 +319,7 @@ def _cpu_lowering(ctx, lhs, rhs, *, op: str, geometry: Geometry):
 conv_p.def_impl(lambda lhs, rhs, *, op, geometry: _eager(op, geometry)(lhs, rhs))
 conv_p.def_abstract_eval(_abstract_eval)
 ad.defbilinear(conv_p, _lhs_transpose, _rhs_transpose)
-batching.primitive_batchers[conv_p] = _batch
+batching.primitive_batchers[conv_p] = _vmap_through(_xla_impl)
 mlir.register_lowering(conv_p, mlir.lower_fun(_xla_impl, multiple_results=False))
 mlir.register_lowering(conv_p, _cpu_lowering, platform="cpu")
 
@@ -405,6 +409,67 @@ def norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, var: jax.Array, 
     return call(x, dy, mean, var, scale, workspace, **_norm_attrs(geometry))
 
 
+# -------------------------------------------------------------------------------------------- matrix products
+
+matmul_p = Primitive("jaxcnn_onednn_matmul")
+
+
+def _xla_matmul(a, b, *, transpose_a: bool, transpose_b: bool):
+    """op(a) @ op(b) with XLA's dot (op = transpose when the flag is set)."""
+    return lax.dot_general(a, b, (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ())),
+                           precision=lax.Precision.HIGHEST)
+
+
+def _matmul_abstract_eval(a, b, *, transpose_a: bool, transpose_b: bool):
+    m = a.shape[1] if transpose_a else a.shape[0]
+    n = b.shape[0] if transpose_b else b.shape[1]
+    return jax.core.ShapedArray((m, n), a.dtype)
+
+
+def _bind_matmul(a, b, transpose_a: bool, transpose_b: bool):
+    return matmul_p.bind(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
+
+
+def _matmul_a_transpose(ct, a, b, *, transpose_a: bool, transpose_b: bool):
+    """c = op(a) op(b): d op(a) = ct op(b)^T, so da = ct op(b)^T, or (a transposed) its transpose op(b) ct^T."""
+    if not transpose_a:
+        return _bind_matmul(ct, b, False, not transpose_b)
+    return _bind_matmul(b, ct, transpose_b, True)
+
+
+def _matmul_b_transpose(ct, a, b, *, transpose_a: bool, transpose_b: bool):
+    """d op(b) = op(a)^T ct, so db = op(a)^T ct, or (b transposed) its transpose ct^T op(a)."""
+    if not transpose_b:
+        return _bind_matmul(a, ct, not transpose_a, False)
+    return _bind_matmul(ct, a, True, transpose_a)
+
+
+def _matmul_cpu_lowering(ctx, a, b, *, transpose_a: bool, transpose_b: bool):
+    if _library() is None:  # registers the FFI targets on first use
+        raise RuntimeError(f"jaxcnn_onednn_matmul needs the oneDNN library, which is unavailable: {_INSTALL_HINT}")
+    return jax.ffi.ffi_lowering(_MATMUL_TARGET[0])(ctx, a, b, transpose_a=np.int64(transpose_a),
+                                                    transpose_b=np.int64(transpose_b))
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_eager(transpose_a: bool, transpose_b: bool):
+    return jax.jit(functools.partial(_bind_matmul, transpose_a=transpose_a, transpose_b=transpose_b))
+
+
+matmul_p.def_impl(lambda a, b, *, transpose_a, transpose_b: _matmul_eager(transpose_a, transpose_b)(a, b))
+matmul_p.def_abstract_eval(_matmul_abstract_eval)
+ad.defbilinear(matmul_p, _matmul_a_transpose, _matmul_b_transpose)
+batching.primitive_batchers[matmul_p] = _vmap_through(_xla_matmul)
+mlir.register_lowering(matmul_p, mlir.lower_fun(_xla_matmul, multiple_results=False))
+mlir.register_lowering(matmul_p, _matmul_cpu_lowering, platform="cpu")
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a ``[M, K]`` @ b ``[K, N]``, float32: oneDNN's sgemm on the CPU (row blocks on XLA's thread pool), XLA's
+    dot elsewhere. Its gradients are the same primitive with transposed operands: differentiable to any order."""
+    return _bind_matmul(a, b, False, False)
+
+
 # ---------------------------------------------------------------------------------------------------- max pooling
 
 POOL_SIMD: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxcnn_pool_simd", default=True)
@@ -450,5 +515,5 @@ def max_pool_backward(g: jax.Array, choice: jax.Array, x_shape: tuple[int, ...],
 
 
 __all__ = ["Geometry", "NormGeometry", "POOL_SIMD", "available", "concurrent_devices", "conv2d", "conv_p", "enabled",
-           "implementations", "max_pool_backward", "max_pool_forward", "norm_backward", "norm_forward",
+           "implementations", "matmul", "matmul_p", "max_pool_backward", "max_pool_forward", "norm_backward", "norm_forward",
            "norm_usable", "norm_workspace_bytes", "pool_usable", "threads_per_device", "usable", "xla_convolutions"]

@@ -16,17 +16,15 @@
 // index in its window. Backward: dx at a window's chosen element is g, every other element 0.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -52,39 +50,6 @@ ffi::Error ShapeOf(ffi::Span<const int64_t> x_dims, int64_t kh, int64_t kw, Pool
   s.ho = s.h / kh;
   s.wo = s.w / kw;
   return ffi::Error::Success();
-}
-
-// Runs fn(begin, end) over [0, n) in chunks, on the calling thread and on XLA's thread pool. Chunks are claimed
-// from a shared counter, so the call finishes even when no pool thread ever starts a task (the pool may run tasks
-// on the caller, or be busy): the caller claims whatever is left and waits only for chunks already being run.
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const Fn& fn) {
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t chunks = std::min<int64_t>((n + grain - 1) / grain, 4 * threads);
-  if (threads <= 1 || chunks <= 1) {
-    fn(0, n);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  const int64_t step = (n + chunks - 1) / chunks;
-  // A task claims chunks until none is left. One that starts after the call returned claims none, so it never
-  // touches `fn` (the caller's), only `shared`, which it co-owns.
-  auto claim = [chunks, step, n](Shared& sh, const Fn& f) {
-    for (int64_t i; (i = sh.next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      int64_t begin = i * step, end = std::min(n, begin + step);
-      if (begin < end) f(begin, end);
-      sh.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < std::min(threads, chunks); ++t) {
-    pool.Schedule([shared, claim, f = &fn]() { claim(*shared, *f); });
-  }
-  claim(*shared, fn);
-  while (shared->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
 // ---- portable loops --------------------------------------------------------------------------------------
@@ -310,7 +275,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuf
   int8_t* cp = code->typed_data();
   bool vector = simd && HasAvx512();
   int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.wo * s.c * s.kh * s.kw));
-  ParallelFor(pool, s.b * s.ho, grain, [&](int64_t r0, int64_t r1) {
+  jaxcnn::ParallelFor(pool, s.b * s.ho, grain, [&](int64_t r0, int64_t r1) {
 #if defined(__x86_64__)
     if (vector) return ForwardRowsAvx512(s, xp, yp, cp, r0, r1);
 #endif
@@ -332,7 +297,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
   }
   bool vector = simd && HasAvx512();
   int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.w * s.c * s.kh));
-  ParallelFor(pool, s.b * s.ho, grain, [&](int64_t r0, int64_t r1) {
+  jaxcnn::ParallelFor(pool, s.b * s.ho, grain, [&](int64_t r0, int64_t r1) {
 #if defined(__x86_64__)
     if (vector) return BackwardRowsAvx512(s, gp, cp, dxp, r0, r1);
 #endif
