@@ -67,7 +67,8 @@ class LeNet5(ClassifierBase):
         for i, c in enumerate(self.conv_channels):
             k = f"block{i + 1}"
             x = conv(self.scaled(c), kernel_size=self.kernel_size, strides=strides, padding="valid", name=f"{k}_conv")(x)
-            x = norm_act(norm, self.act_fn, name=f"{k}_norm", pool_follows=self.downsample == "pool")(x)
+            xla_pool = self.downsample == "pool" and self.pool != "max"  # 2x2 max pools: jaxcnn's native kernel
+            x = norm_act(norm, self.act_fn, name=f"{k}_norm", pool_follows=xla_pool)(x)
             if self.downsample == "pool":
                 x = layers.Pool2d(self.pool, window=2, strides=2, name=f"{k}_pool")(x)
             features[k] = x

@@ -64,7 +64,9 @@ class VGG(ClassifierBase):
             for j in range(size):
                 strides = 2 if self.downsample == "conv" and j == size - 1 else 1
                 check_downsample(x, strides, f"VGG {stage} conv{j + 1} (input {input_shape})")
-                pooled = self.downsample == "pool" and j == size - 1
+                # A max pool of 2x2 windows runs in jaxcnn's native kernel, after oneDNN's BatchNorm + ReLU; XLA's
+                # fusion of the norm into the pool only pays before the pools XLA runs (avg, l2).
+                pooled = self.downsample == "pool" and self.pool != "max" and j == size - 1
                 x = block(self.scaled(channels), strides=strides, pool_follows=pooled, name=f"{stage}_conv{j + 1}")(x)
             if self.downsample == "pool":
                 check_downsample(x, 2, f"VGG {stage} pool (input {input_shape})")
