@@ -290,3 +290,22 @@ def test_binding_the_primitive_directly_loads_the_library(tmp_path):
                          env={**os.environ, "XLA_FLAGS": ""})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "27.0"  # 3x3 window of ones times 3 channels
+
+
+@needs_onednn
+@pytest.mark.parametrize("batch", [1, 3, 4, 6])
+@pytest.mark.parametrize("groups, cin, cout, stride", [(1, 3, 8, 1), (1, 16, 16, 2), (2, 4, 6, 1)])
+def test_batch_split_over_xla_threads_matches_xla(batch, groups, cin, cout, stride):
+    """With every core (one device), a batch that splits evenly over XLA's threads runs as one one-thread primitive
+    per slice (filter gradients summed over the slices); odd batches run as one call. Both agree with XLA."""
+    x, k = case(20 + batch, (batch, 9, 9, cin), (3, 3, cin // groups, cout))
+    strides = (stride, stride)
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, PAD1, (1, 1), groups)) ** 2)
+
+    assert uses_onednn(loss(fast), x, k)
+    np.testing.assert_allclose(jax.jit(lambda x, k: fast(x, k, strides, PAD1, (1, 1), groups))(x, k),
+                               plain(x, k, strides, PAD1, (1, 1), groups), rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.jit(jax.grad(loss(fast), (0, 1)))(x, k), jax.grad(loss(plain), (0, 1))(x, k)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
