@@ -21,11 +21,18 @@ cannot be built, one warning says why and what to install (``apt-get install g++
 
 Shapes: ``x [N, H, W, Cin]``, ``w [KH, KW, Cin / groups, Cout]`` (HWIO), ``y [N, Ho, Wo, Cout]``.
 
+Threads: a convolution given every core (one device) splits an evenly divisible batch over XLA's own intra-op
+thread pool, one one-thread primitive per slice; otherwise (and for BatchNorm) oneDNN runs on an OpenMP team of
+`threads_per_device` threads, and calls that use every core hold one lock, so that XLA never runs two such teams
+at once (csrc/onednn_common.h).
+
 The same library holds oneDNN's training-mode batch normalisation (`csrc/onednn_norm.cc`: `norm_forward`,
-`norm_backward`, optionally fused with the ReLU after it), which `jaxcnn.nn.fast_norm` wraps in derivative rules,
-and jaxcnn's own max pooling over non-overlapping windows (`csrc/max_pool.cc`: `max_pool_forward`,
-`max_pool_backward`; AVX-512 loops on XLA's thread pool, no oneDNN), which `jaxcnn.nn.fast_pool` wraps. The same
-switches (``JAXCNN_ONEDNN=0``, `xla_convolutions()`) turn all of them off.
+`norm_backward`, optionally fused with the ReLU after it), which `jaxcnn.nn.fast_norm` wraps in derivative rules;
+oneDNN's sgemm for dense layers (`csrc/onednn_matmul.cc`: the `matmul_p` primitive, bilinear like the convolutions,
+row blocks on XLA's thread pool), which `jaxcnn.nn.fast_dense` uses; and jaxcnn's own max pooling over
+non-overlapping windows (`csrc/max_pool.cc`: `max_pool_forward`, `max_pool_backward`; AVX-512 loops on XLA's
+thread pool, no oneDNN), which `jaxcnn.nn.fast_pool` wraps. The same switches (``JAXCNN_ONEDNN=0``,
+`xla_convolutions()`) turn all of them off.
 """
 
 from __future__ import annotations
