@@ -36,7 +36,7 @@ def _native(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, preferred_el
         return False
     if 0 in (int(np.prod(lhs.shape[:-1])), lhs.shape[-1], rhs.shape[1]):
         return False
-    return onednn.enabled() and jax.default_backend() == "cpu" and onednn.available()
+    return jax.default_backend() == "cpu" and onednn.available()
 
 
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,

@@ -283,11 +283,6 @@ def _abstract_eval(lhs, rhs, *, op: str, geometry: Geometry):
     return jax.core.ShapedArray(geometry.out_shape(op), lhs.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _eager(op: str, geometry: Geometry):
-    return jax.jit(functools.partial(_bind, op=op, geometry=geometry))
-
-
 def _bind(lhs, rhs, op: str, geometry: Geometry):
     return conv_p.bind(lhs, rhs, op=op, geometry=geometry)
 
@@ -310,11 +305,24 @@ def _rhs_transpose(ct, lhs, rhs, *, op: str, geometry: Geometry):
     return _bind(lhs, ct, FORWARD, geometry)  # dw = W(x, dy): d(dy) = F(x, ct)
 
 
-def _vmap_through(xla_impl):
-    """A batching rule: under vmap the primitive runs as `xla_impl` (XLA's op), vectorised by JAX as usual."""
-    def rule(args, dims, **params):
+@functools.lru_cache(maxsize=None)
+def _jitted_bind(prim: Primitive, params: tuple):
+    """Eager calls of `prim` run it compiled (its FFI call only exists inside XLA)."""
+    return jax.jit(lambda *args: prim.bind(*args, **dict(params)))
+
+
+def _define_bilinear(prim: Primitive, *, abstract_eval, lhs_transpose, rhs_transpose, xla_impl, cpu_lowering) -> None:
+    """The rules of a bilinear primitive: its two transposes (so JVP, VJP and every derivative order follow), vmap
+    and other platforms through `xla_impl` (XLA's op), and `cpu_lowering` (the FFI call) on the CPU."""
+    def batch(args, dims, **params):
         return jax.vmap(functools.partial(xla_impl, **params), in_axes=dims)(*args), 0
-    return rule
+
+    prim.def_impl(lambda *args, **params: _jitted_bind(prim, tuple(sorted(params.items())))(*args))
+    prim.def_abstract_eval(abstract_eval)
+    ad.defbilinear(prim, lhs_transpose, rhs_transpose)
+    batching.primitive_batchers[prim] = batch
+    mlir.register_lowering(prim, mlir.lower_fun(xla_impl, multiple_results=False))
+    mlir.register_lowering(prim, cpu_lowering, platform="cpu")
 
 
 def _cpu_lowering(ctx, lhs, rhs, *, op: str, geometry: Geometry):
@@ -323,12 +331,8 @@ def _cpu_lowering(ctx, lhs, rhs, *, op: str, geometry: Geometry):
     return jax.ffi.ffi_lowering(_TARGETS[op][0])(ctx, lhs, rhs, params=geometry.params())
 
 
-conv_p.def_impl(lambda lhs, rhs, *, op, geometry: _eager(op, geometry)(lhs, rhs))
-conv_p.def_abstract_eval(_abstract_eval)
-ad.defbilinear(conv_p, _lhs_transpose, _rhs_transpose)
-batching.primitive_batchers[conv_p] = _vmap_through(_xla_impl)
-mlir.register_lowering(conv_p, mlir.lower_fun(_xla_impl, multiple_results=False))
-mlir.register_lowering(conv_p, _cpu_lowering, platform="cpu")
+_define_bilinear(conv_p, abstract_eval=_abstract_eval, lhs_transpose=_lhs_transpose, rhs_transpose=_rhs_transpose,
+                 xla_impl=_xla_impl, cpu_lowering=_cpu_lowering)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, geometry: Geometry) -> jax.Array:
@@ -458,17 +462,8 @@ def _matmul_cpu_lowering(ctx, a, b, *, transpose_a: bool, transpose_b: bool):
                                                     transpose_b=np.int64(transpose_b))
 
 
-@functools.lru_cache(maxsize=None)
-def _matmul_eager(transpose_a: bool, transpose_b: bool):
-    return jax.jit(functools.partial(_bind_matmul, transpose_a=transpose_a, transpose_b=transpose_b))
-
-
-matmul_p.def_impl(lambda a, b, *, transpose_a, transpose_b: _matmul_eager(transpose_a, transpose_b)(a, b))
-matmul_p.def_abstract_eval(_matmul_abstract_eval)
-ad.defbilinear(matmul_p, _matmul_a_transpose, _matmul_b_transpose)
-batching.primitive_batchers[matmul_p] = _vmap_through(_xla_matmul)
-mlir.register_lowering(matmul_p, mlir.lower_fun(_xla_matmul, multiple_results=False))
-mlir.register_lowering(matmul_p, _matmul_cpu_lowering, platform="cpu")
+_define_bilinear(matmul_p, abstract_eval=_matmul_abstract_eval, lhs_transpose=_matmul_a_transpose,
+                 rhs_transpose=_matmul_b_transpose, xla_impl=_xla_matmul, cpu_lowering=_matmul_cpu_lowering)
 
 
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -487,11 +482,11 @@ def pool_usable(x_shape: tuple[int, ...], dtype, window: tuple[int, int]) -> boo
     """True when `max_pool_forward` / `max_pool_backward` should run: float32 ``[..., H, W, C]`` on the CPU
     backend, a window of at most 127 elements (the choice is int8), no empty axis, and the library built."""
     kh, kw = window
-    if not enabled() or jax.default_backend() != "cpu" or np.dtype(dtype) != np.float32:
+    if jax.default_backend() != "cpu" or np.dtype(dtype) != np.float32:
         return False
     if len(x_shape) < 3 or not 1 <= kh * kw <= 127 or any(int(d) <= 0 for d in x_shape):
         return False
-    return _library() is not None
+    return available()
 
 
 def _pool_attrs(window: tuple[int, int]) -> dict:
@@ -513,7 +508,8 @@ def max_pool_forward(x: jax.Array, window: tuple[int, int]) -> tuple[jax.Array, 
     return call(x, **_pool_attrs(window))
 
 
-def max_pool_backward(g: jax.Array, choice: jax.Array, x_shape: tuple[int, ...], window: tuple[int, int]) -> jax.Array:
+def max_pool_backward(g: jax.Array, choice: jax.Array, x_shape: tuple[int, ...],
+                      window: tuple[int, int]) -> jax.Array:
     """dx ``x_shape`` float32: each window's g ``[..., Ho, Wo, C]`` at the element `choice` names, 0 elsewhere
     (and on the rows and columns past the last whole window)."""
     out = jax.ShapeDtypeStruct(tuple(x_shape), np.float32)
@@ -522,5 +518,6 @@ def max_pool_backward(g: jax.Array, choice: jax.Array, x_shape: tuple[int, ...],
 
 
 __all__ = ["Geometry", "NormGeometry", "POOL_SIMD", "available", "concurrent_devices", "conv2d", "conv_p", "enabled",
-           "implementations", "matmul", "matmul_p", "max_pool_backward", "max_pool_forward", "norm_backward", "norm_forward",
-           "norm_usable", "norm_workspace_bytes", "pool_usable", "threads_per_device", "usable", "xla_convolutions"]
+           "implementations", "matmul", "matmul_p", "max_pool_backward", "max_pool_forward", "norm_backward",
+           "norm_forward", "norm_usable", "norm_workspace_bytes", "pool_usable", "threads_per_device", "usable",
+           "xla_convolutions"]

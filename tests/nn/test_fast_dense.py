@@ -48,8 +48,8 @@ def test_gradients_hessian_and_forward_mode_match_xla():
     np.testing.assert_allclose(jax.jvp(onednn.matmul, (a, b), (ta, tb))[1], jax.jvp(xla, (a, b), (ta, tb))[1],
                                rtol=1e-5, atol=1e-5)
     batched_a, _ = operands((3, 16, 12), (1,), seed=3)
-    np.testing.assert_allclose(jax.vmap(onednn.matmul, (0, None))(batched_a, b), jnp.einsum("bmk,kn->bmn", batched_a, b),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(onednn.matmul, (0, None))(batched_a, b),
+                               jnp.einsum("bmk,kn->bmn", batched_a, b), rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn

@@ -27,14 +27,12 @@
 // name of the implementation oneDNN picked, or nullptr with a message in `error`; jaxcnn calls it while tracing
 // and keeps XLA's convolution for geometries oneDNN would run with its slow reference implementation.
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -231,23 +229,12 @@ ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, Op op, float* x, float*
     const int64_t x_step = slice.n * g.h * g.w * g.cin, y_step = slice.n * g.ho * g.wo * g.cout;
     const int64_t w_size = g.kh * g.kw * (g.cin / g.groups) * g.cout;
     std::vector<float> partial(op == kBackwardWeights ? (slices - 1) * w_size : 0);
-    std::atomic<bool> failed{false};
-    std::string message;
-    std::mutex message_mutex;
     jaxcnn::ParallelFor(pool, slices, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        try {
-          slice.SetThreads();
-          float* dw = op == kBackwardWeights && i > 0 ? partial.data() + (i - 1) * w_size : w;
-          Execute(slice, op, x + i * x_step, dw, y + i * y_step);
-        } catch (const std::exception& err) {
-          std::lock_guard<std::mutex> lock(message_mutex);
-          failed = true;
-          message = err.what();
-        }
+      for (int64_t i = begin; i < end; ++i) {  // Execute sets this thread's OpenMP count to the slice's 1
+        float* dw = op == kBackwardWeights && i > 0 ? partial.data() + (i - 1) * w_size : w;
+        Execute(slice, op, x + i * x_step, dw, y + i * y_step);
       }
     }, /*per_thread=*/1);
-    if (failed) throw std::runtime_error(message);
     for (int64_t i = 1; i < slices && op == kBackwardWeights; ++i) {
       const float* part = partial.data() + (i - 1) * w_size;
       for (int64_t j = 0; j < w_size; ++j) w[j] += part[j];
@@ -258,20 +245,20 @@ ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, Op op, float* x, float*
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-                   ffi::Span<const int64_t> params) {
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> params) {
   Geometry g = FromShapes(x.dimensions(), w.dimensions(), y->dimensions(), params);
   return Run(pool, g, kForward, x.typed_data(), w.typed_data(), y->typed_data());
 }
 
-ffi::Error BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
-                        ffi::Span<const int64_t> params) {
+ffi::Error BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> params) {
   Geometry g = FromShapes(dx->dimensions(), w.dimensions(), dy.dimensions(), params);
   return Run(pool, g, kBackwardData, dx->typed_data(), w.typed_data(), dy.typed_data());
 }
 
-ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
-                           ffi::Span<const int64_t> params) {
+ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                           ffi::ResultBuffer<ffi::F32> dw, ffi::Span<const int64_t> params) {
   Geometry g = FromShapes(x.dimensions(), dw->dimensions(), dy.dimensions(), params);
   return Run(pool, g, kBackwardWeights, x.typed_data(), dw->typed_data(), dy.typed_data());
 }

@@ -7,9 +7,9 @@
 //   JaxcnnMatmul (a, b) -> c = op(a) @ op(b), with op(a) [M, K] (a [M, K], or [K, M] when "transpose_a" is 1)
 //   and op(b) [K, N] (b [K, N], or [N, K] when "transpose_b" is 1); c [M, N].
 
-#include <algorithm>
-#include <atomic>
 #include <cstdint>
+#include <exception>
+#include <stdexcept>
 #include <string>
 
 #include "oneapi/dnnl/dnnl.h"
@@ -37,18 +37,19 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
   const float* bp = b.typed_data();
   float* cp = c->typed_data();
   const int64_t lda = ad[1], ldb = bd[1];
-  std::atomic<int> failed{dnnl_success};
   // Rows [r0, r1) of c: rows r0.. of op(a), i.e. a's rows (a + r0 * lda) or, transposed, its columns (a + r0).
-  jaxcnn::ParallelFor(pool, m, 16, [&](int64_t r0, int64_t r1) {
-    jaxcnn::SetThreads(1);
-    const float* a_rows = transpose_a ? ap + r0 : ap + r0 * lda;
-    dnnl_status_t status = dnnl_sgemm(transpose_a ? 'T' : 'N', transpose_b ? 'T' : 'N', r1 - r0, n, k, 1.0f,
-                                      a_rows, lda, bp, ldb, 0.0f, cp + r0 * n, n);
-    if (status != dnnl_success) failed.store(static_cast<int>(status));
-  }, /*per_thread=*/1);
-  if (failed.load() != dnnl_success) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      "jaxcnn matmul: dnnl_sgemm failed with status " + std::to_string(failed.load()));
+  try {
+    jaxcnn::ParallelFor(pool, m, 16, [&](int64_t r0, int64_t r1) {
+      jaxcnn::SetThreads(1);
+      const float* a_rows = transpose_a ? ap + r0 : ap + r0 * lda;
+      dnnl_status_t status = dnnl_sgemm(transpose_a ? 'T' : 'N', transpose_b ? 'T' : 'N', r1 - r0, n, k, 1.0f,
+                                        a_rows, lda, bp, ldb, 0.0f, cp + r0 * n, n);
+      if (status != dnnl_success) {
+        throw std::runtime_error("dnnl_sgemm failed with status " + std::to_string(static_cast<int>(status)));
+      }
+    }, /*per_thread=*/1);
+  } catch (const std::exception& err) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxcnn matmul: ") + err.what());
   }
   return ffi::Error::Success();
 }

@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -17,7 +19,8 @@ namespace jaxcnn {
 // Runs fn(begin, end) over [0, n) in chunks, on the calling thread and on XLA's thread pool. Chunks are claimed
 // from a shared counter, so the call finishes even when no pool thread ever starts a task (the pool may run tasks
 // on the caller, or be busy): the caller claims whatever is left and waits only for chunks already being run.
-// At least `grain` items per chunk, at most `per_thread` chunks per thread of the pool.
+// At least `grain` items per chunk, at most `per_thread` chunks per thread of the pool. An exception thrown by fn
+// (on any thread) is rethrown here, on the caller, once every chunk has finished.
 template <typename Fn>
 void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain, const Fn& fn, int64_t per_thread = 4) {
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -29,6 +32,8 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain, const Fn&
   struct Shared {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
+    std::mutex error_mutex;
+    std::exception_ptr error;
   };
   auto shared = std::make_shared<Shared>();
   const int64_t step = (n + chunks - 1) / chunks;
@@ -37,7 +42,12 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain, const Fn&
   auto claim = [chunks, step, n](Shared& sh, const Fn& f) {
     for (int64_t i; (i = sh.next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       int64_t begin = i * step, end = std::min(n, begin + step);
-      if (begin < end) f(begin, end);
+      try {
+        if (begin < end) f(begin, end);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(sh.error_mutex);
+        if (!sh.error) sh.error = std::current_exception();
+      }
       sh.done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -46,6 +56,7 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain, const Fn&
   }
   claim(*shared, fn);
   while (shared->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  if (shared->error) std::rethrow_exception(shared->error);
 }
 
 }  // namespace jaxcnn
