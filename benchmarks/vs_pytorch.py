@@ -17,8 +17,13 @@ PyTorch trains `--steps` steps, so both see the same machine load. Printed: the 
 ratio of the medians and the median of the per-round ratios. PyTorch is optional (`pip install torch==2.13.0`);
 without it only the jaxcnn figures are printed.
 
-PyTorch runs in a child process of its own, driven round by round from here, so that its allocator state is its
-own. Both sides run with glibc's default malloc settings, as each library runs for its users. `--torch-malloc`
+PyTorch runs in a child process of its own, driven round by round from here (over its stdin and stdout), so that
+its allocator state is its own; `--torch-python` runs that process with another interpreter, so that jaxcnn on a
+Python without a PyTorch wheel (3.12 here: jax 0.12) still meets PyTorch in the same run:
+
+    /root/.pyenv/versions/3.12.1/bin/python benchmarks/vs_pytorch.py --torch-python python3.11
+
+Both sides run with glibc's default malloc settings, as each library runs for its users. `--torch-malloc`
 chooses: 'default' (glibc's defaults), 'jaxcnn' (jaxcnn.train.host_malloc's opt-in settings applied in
 PyTorch's process, before it imports torch; they speed up PyTorch's larger nets too), or 'both' (two PyTorch
 processes, both timed in every round; the ratio is against 'default', and the 'jaxcnn' figure is printed
@@ -93,20 +98,42 @@ class TorchTrainer:
         loss.item()  # waits for the device
 
 
-def torch_available() -> str | None:
-    """None when PyTorch is installed, else why not (checked without importing it into this process)."""
-    import importlib.util
+def torch_available(python: str | None = None) -> str | None:
+    """None when PyTorch is installed for `python` (default: this interpreter), else why not (checked without
+    importing it into this process)."""
+    if python is None or os.path.realpath(python) == os.path.realpath(sys.executable):
+        import importlib.util
 
-    if importlib.util.find_spec("torch") is None:
-        return "PyTorch is not installed here; `pip install torch==2.13.0` adds it (CPU build)"
+        if importlib.util.find_spec("torch") is None:
+            return "PyTorch is not installed here; `pip install torch==2.13.0` adds it (CPU build)"
+        return None
+    import subprocess
+
+    try:
+        probe = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, timeout=300)
+    except OSError as error:
+        return f"--torch-python {python}: cannot run it ({error})"
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"--torch-python {python}: `import torch` failed ({last}); `{python} -m pip install torch==2.13.0`"
     return None
 
 
-def _torch_worker(conn: Any, name: str, batch_size: int, channels_last: bool, malloc: str,
-                  options: dict[str, Any]) -> None:
-    """The child process: builds a TorchTrainer, then trains `n` steps for every `n` received; None ends it."""
+_WORKER_FLAG = "--torch-worker"
+_REPLY = "vs_pytorch-worker "  # prefix of the child's protocol lines on its stdout (anything else is passed on)
+
+
+def _torch_worker(spec: dict[str, Any]) -> int:
+    """The child process: builds a TorchTrainer from `spec`, then trains n steps for every line "n" read from
+    stdin (an empty line or end of input ends it), answering each on stdout."""
+    import json
+
+    def reply(kind: str, info: Any) -> None:
+        sys.stdout.write(_REPLY + json.dumps([kind, info]) + "\n")
+        sys.stdout.flush()
+
     try:
-        if malloc == "jaxcnn":
+        if spec.pop("malloc") == "jaxcnn":
             from jaxcnn.train.host_malloc import ENV_SWITCH, configure_host_malloc
 
             os.environ[ENV_SWITCH] = "1"
@@ -114,48 +141,71 @@ def _torch_worker(conn: Any, name: str, batch_size: int, channels_last: bool, ma
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        trainer = TorchTrainer(name, batch_size, channels_last=channels_last, **options)
-        conn.send(("ready", {"params": trainer.params, "version": torch.__version__,
-                             "threads": torch.get_num_threads()}))
+        trainer = TorchTrainer(spec.pop("name"), spec.pop("batch_size"), **spec)
+        reply("ready", {"params": trainer.params, "version": torch.__version__, "threads": torch.get_num_threads(),
+                        "python": sys.version.split()[0]})
     except Exception as error:  # the parent raises it with the child's message
-        conn.send(("error", f"{type(error).__name__}: {error}"))
-        return
-    while (steps := conn.recv()) is not None:
-        trainer.run(steps)
-        conn.send(("done", steps))
+        reply("error", f"{type(error).__name__}: {error}")
+        return 1
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        trainer.run(int(line))
+        reply("done", int(line))
+    return 0
 
 
 class TorchProcess:
-    """A TorchTrainer in a child process (its own malloc settings, see the module docstring); `run(n)` waits for
-    n steps there. malloc: 'default' (glibc's) or 'jaxcnn' (jaxcnn.train.host_malloc's)."""
+    """A TorchTrainer in a child process (its own malloc settings, see the module docstring; its own interpreter
+    with `python`, default this one); `run(n)` waits for n steps there. malloc: 'default' (glibc's) or 'jaxcnn'
+    (jaxcnn.train.host_malloc's)."""
 
     def __init__(self, name: str, batch_size: int, *, channels_last: bool = False, malloc: str = "default",
-                 **options: Any) -> None:
-        import multiprocessing
+                 python: str | None = None, **options: Any) -> None:
+        import json
+        import subprocess
 
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX, no inherited allocator state
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_torch_worker, args=(child, name, batch_size, channels_last, malloc, options),
-                                   daemon=True)
-        self.process.start()
-        kind, info = self.conn.recv()
+        spec = {"name": name, "batch_size": batch_size, "channels_last": channels_last, "malloc": malloc, **options}
+        # A fresh interpreter running this file: no JAX, no inherited allocator state, and any Python version.
+        self.process = subprocess.Popen([python or sys.executable, os.path.abspath(__file__), _WORKER_FLAG,
+                                         json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        kind, info = self._receive()
         if kind != "ready":
-            self.process.join()
+            self.process.wait(timeout=30)
             raise RuntimeError(f"the PyTorch process for {name} failed: {info}")
         self.params, self.version, self.threads = info["params"], info["version"], info["threads"]
+        self.python = info["python"]
+
+    def _receive(self) -> tuple[str, Any]:
+        import json
+
+        for line in self.process.stdout:
+            if line.startswith(_REPLY):
+                kind, info = json.loads(line[len(_REPLY):])
+                return kind, info
+            sys.stdout.write(line)  # the child's own prints
+        code = self.process.wait()
+        return "error", f"the process ended (exit status {code}) without answering; its messages are above"
 
     def run(self, steps: int) -> None:
-        self.conn.send(steps)
-        self.conn.recv()
+        self.process.stdin.write(f"{steps}\n")
+        self.process.stdin.flush()
+        kind, info = self._receive()
+        if kind != "done":
+            raise RuntimeError(f"the PyTorch process failed: {info}")
 
     def close(self) -> None:
-        self.conn.send(None)
-        self.process.join(timeout=30)
+        try:
+            self.process.stdin.write("\n")
+            self.process.stdin.close()
+        except OSError:  # it has already ended
+            pass
+        self.process.wait(timeout=30)
 
 
 def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, torch_layout: str,
             torch_mallocs: tuple[str, ...], *, image_size: int = 224, dtype: str = "float32",
-            torch_device: str = "cpu") -> dict[str, Any]:
+            torch_device: str = "cpu", torch_python: str | None = None) -> dict[str, Any]:
     """Trains `name` with jaxcnn and with PyTorch (one child process per entry of `torch_mallocs`, none when
     empty) alternately; returns the per-round images/s of each side, keyed 'jax' and 'torch/<malloc>'.
 
@@ -167,8 +217,8 @@ def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, to
     try:
         for malloc in torch_mallocs:
             sides[f"torch/{malloc}"] = TorchProcess(name, batch_size, channels_last=torch_layout == "channels_last",
-                                                    malloc=malloc, image_size=image_size, dtype=dtype,
-                                                    device=torch_device)
+                                                    malloc=malloc, python=torch_python, image_size=image_size,
+                                                    dtype=dtype, device=torch_device)
             sides[f"torch/{malloc}"].run(warmup)
         rates: dict[str, list[float]] = {key: [] for key in sides}
         for _ in range(rounds):
@@ -183,7 +233,8 @@ def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, to
     torch_params = {sides[k].params for k in sides if k != "jax"}
     return {"rates": rates, "compile_s": jax_trainer.compile_s, "jax_params": jax_trainer.params,
             "torch_params": torch_params.pop() if len(torch_params) == 1 else None,
-            "torch_version": next((sides[k].version for k in sides if k != "jax"), None)}
+            "torch_version": next((sides[k].version for k in sides if k != "jax"), None),
+            "torch_python": next((sides[k].python for k in sides if k != "jax"), None)}
 
 
 # Dense bfloat16 peak TFLOP/s by device kind (vendor figures, no sparsity), for MFU; --peak-tflops overrides.
@@ -217,6 +268,11 @@ DEFAULT_STEPS = {"resnet20": 10, "resnet56": 5, "vgg11": 5, "lenet5": 50, "mlp":
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [_WORKER_FLAG]:  # the PyTorch child process (TorchProcess)
+        import json
+
+        return _torch_worker(json.loads(argv[1]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help=f"comma-separated, from {', '.join(DEFAULT_STEPS)}")
@@ -238,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-malloc", default="default", choices=tuple(TORCH_MALLOCS),
                         help="glibc malloc settings of the PyTorch process (see above); the ratio is against "
                              "'default' when it runs")
+    parser.add_argument("--torch-python", default=None, metavar="PYTHON",
+                        help="the interpreter PyTorch's process runs (default: this one), e.g. a Python 3.11 with "
+                             "torch==2.13.0 beside jaxcnn on a Python that has no PyTorch wheel; it needs numpy and "
+                             "torch")
     parser.add_argument("--no-torch", action="store_true", help="time jaxcnn only")
     args = parser.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -250,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_xla_cpu()  # XLA flags, as `jaxcnn train` sets them
     import jax
 
-    missing = "--no-torch given" if args.no_torch else torch_available()
+    missing = "--no-torch given" if args.no_torch else torch_available(args.torch_python)
     mallocs = TORCH_MALLOCS[args.torch_malloc] if missing is None else ()
     torch_device = args.torch_device
     if torch_device == "auto":
@@ -259,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line())
     if missing is None:
         print(f"PyTorch eager ({args.torch_layout}) on {torch_device}, {os.cpu_count() or 1} CPU threads, in child "
-              f"processes with malloc settings: {', '.join(mallocs)}")
+              f"processes with malloc settings: {', '.join(mallocs)}"
+              + (f", run by {args.torch_python}" if args.torch_python else ""))
     else:
         print(f"PyTorch: unavailable ({missing})")
     print(f"batch {args.batch}, {args.dtype} compute, SGD-Nesterov + weight decay, {args.rounds} alternating rounds"
@@ -267,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         steps = args.steps or DEFAULT_STEPS[name]
         r = compare(name, args.batch, steps, args.rounds, args.warmup, args.torch_layout, mallocs,
-                    image_size=args.image_size, dtype=args.dtype, torch_device=torch_device)
+                    image_size=args.image_size, dtype=args.dtype, torch_device=torch_device,
+                    torch_python=args.torch_python)
         jax_rates = r["rates"]["jax"]
         jax_median = statistics.median(jax_rates)
         flops = train_flops_per_image(name, args.image_size) if peak else 0.0  # only where MFU is printed
@@ -287,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         if mallocs and r["jax_params"] != r["torch_params"]:
             line += f" | PARAMETER COUNTS DIFFER: jaxcnn {r['jax_params']:,}, PyTorch {r['torch_params']}"
         if r["torch_version"]:
-            line += f" | torch {r['torch_version']}"
+            line += f" | torch {r['torch_version']} (Python {r['torch_python']})"
         print(line, flush=True)
     return 0
 

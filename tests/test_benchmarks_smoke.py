@@ -39,6 +39,47 @@ def test_vs_pytorch_prints_both_sides_or_says_pytorch_is_missing():
         assert "ratio" in out and "PARAMETER COUNTS DIFFER" not in out
 
 
+def _vs_pytorch():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import vs_pytorch
+    finally:
+        sys.path.pop(0)
+    return vs_pytorch
+
+
+def test_torch_python_that_does_not_run_is_reported_not_raised():
+    why = _vs_pytorch().torch_available("/nonexistent/python3")
+    assert why is not None and "--torch-python /nonexistent/python3: cannot run it" in why
+
+
+def test_torch_python_without_torch_says_how_to_install_it(tmp_path):
+    # An interpreter whose `import torch` fails (a stand-in script), as a Python with no PyTorch wheel would.
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named torch' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    why = _vs_pytorch().torch_available(str(fake))
+    assert why is not None and "`import torch` failed (ModuleNotFoundError" in why
+    assert "pip install torch==2.13.0" in why
+
+
+def test_torch_process_trains_in_a_child_and_reports_its_errors():
+    vs_pytorch = _vs_pytorch()
+    # A model the twins do not have: the child's own error comes back, with its message, whether or not the
+    # child has torch (without it, the error is torch's import).
+    with pytest.raises(RuntimeError, match="the PyTorch process for no_such_net failed: .*Error"):
+        vs_pytorch.TorchProcess("no_such_net", 2)
+    pytest.importorskip("torch")
+    child = vs_pytorch.TorchProcess("mlp", 4, python=sys.executable)
+    try:
+        assert child.params == 266_610 and child.python == sys.version.split()[0]
+        child.run(2)
+        child.run(1)
+    finally:
+        child.close()
+    assert child.process.returncode == 0
+
+
 def test_torch_twins_have_jaxcnn_parameter_counts():
     torch = pytest.importorskip("torch")  # noqa: F841
     sys.path.insert(0, str(REPO / "benchmarks"))
