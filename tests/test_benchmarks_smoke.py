@@ -176,3 +176,19 @@ def test_scaling_prints_a_row_per_strategy_and_device_count():
                      "--steps", "2", "--devices", "1,2")
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["jit"], ["pmap"], ["shard_map"], ["single"])]
     assert {(r[0], r[1]) for r in rows} >= {("jit", "1"), ("jit", "2"), ("pmap", "2"), ("shard_map", "2"), ("single", "1")}
+
+
+def test_gpu_script_runs_each_benchmark_and_keeps_every_line(tmp_path):
+    # A stand-in interpreter that prints its arguments (the last benchmark fails), so the script's own plumbing
+    # is what runs: the commands it issues, their log, the failure line.
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "ran: $*"\ncase "$*" in *resnet50*) exit 3;; esac\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(REPO / "benchmarks/gpu.sh"), str(out)], cwd=tmp_path,
+                            env={**os.environ, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    log = (out / "gpu.txt").read_text()
+    assert "ran: benchmarks/vs_pytorch.py --models resnet20 --dtype bfloat16 --batch 512" in log
+    assert "ran: benchmarks/vs_pytorch.py --models resnet18,resnet50 --image-size 224 --dtype bfloat16" in log
+    assert "(exit status 3)" in log and log.count("(exit status") == 1
