@@ -100,8 +100,8 @@ class TorchTrainer:
 
 def torch_available(python: str | None = None) -> str | None:
     """None when PyTorch is installed for `python` (default: this interpreter), else why not (checked without
-    importing it into this process)."""
-    if python is None or os.path.realpath(python) == os.path.realpath(sys.executable):
+    importing it into this process; another interpreter is asked by running it)."""
+    if python is None:
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
@@ -113,6 +113,8 @@ def torch_available(python: str | None = None) -> str | None:
         probe = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, timeout=300)
     except OSError as error:
         return f"--torch-python {python}: cannot run it ({error})"
+    except subprocess.TimeoutExpired:
+        return f"--torch-python {python}: `import torch` did not finish in 300 s"
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["no message"])[-1]
         return f"--torch-python {python}: `import torch` failed ({last}); `{python} -m pip install torch==2.13.0`"
@@ -171,7 +173,7 @@ class TorchProcess:
                                          json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         kind, info = self._receive()
         if kind != "ready":
-            self.process.wait(timeout=30)
+            self.close()
             raise RuntimeError(f"the PyTorch process for {name} failed: {info}")
         self.params, self.version, self.threads = info["params"], info["version"], info["threads"]
         self.python = info["python"]
@@ -188,19 +190,30 @@ class TorchProcess:
         return "error", f"the process ended (exit status {code}) without answering; its messages are above"
 
     def run(self, steps: int) -> None:
-        self.process.stdin.write(f"{steps}\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write(f"{steps}\n")
+            self.process.stdin.flush()
+        except OSError:  # it has ended; _receive says how
+            pass
         kind, info = self._receive()
         if kind != "done":
             raise RuntimeError(f"the PyTorch process failed: {info}")
 
     def close(self) -> None:
+        """Ends the child: asks it to stop, and kills it if it is still busy 30 s later."""
+        import subprocess
+
         try:
             self.process.stdin.write("\n")
             self.process.stdin.close()
         except OSError:  # it has already ended
             pass
-        self.process.wait(timeout=30)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
 
 
 def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, torch_layout: str,
@@ -229,7 +242,7 @@ def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, to
     finally:
         for key, trainer in sides.items():
             if key != "jax":
-                trainer.close()
+                trainer.close()  # never raises: a child that does not end is killed
     torch_params = {sides[k].params for k in sides if k != "jax"}
     return {"rates": rates, "compile_s": jax_trainer.compile_s, "jax_params": jax_trainer.params,
             "torch_params": torch_params.pop() if len(torch_params) == 1 else None,

@@ -178,17 +178,44 @@ def test_scaling_prints_a_row_per_strategy_and_device_count():
     assert {(r[0], r[1]) for r in rows} >= {("jit", "1"), ("jit", "2"), ("pmap", "2"), ("shard_map", "2"), ("single", "1")}
 
 
+def test_torch_process_whose_child_dies_mid_run_raises_and_passes_its_prints_on(tmp_path, capsys):
+    # A stand-in child: prints a line of its own, says ready, then dies on the first request.
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "a line of its own"\n'
+                    'echo \'vs_pytorch-worker ["ready", {"params": 1, "version": "0", "threads": 1, "python": "0"}]\'\n'
+                    'read steps\nexit 3\n')
+    fake.chmod(0o755)
+    child = _vs_pytorch().TorchProcess("mlp", 4, python=str(fake))
+    with pytest.raises(RuntimeError, match=r"the PyTorch process failed: the process ended \(exit status 3\)"):
+        child.run(1)
+    child.close()  # on a dead child: no error
+    assert "a line of its own" in capsys.readouterr().out
+
+
+def _gpu_script(tmp_path, fake_body: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n" + fake_body)
+    fake.chmod(0o755)
+    return subprocess.run(["bash", str(REPO / "benchmarks/gpu.sh"), *args], cwd=tmp_path,
+                          env={**os.environ, "PYTHON": str(fake), **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_gpu_script_runs_each_benchmark_and_keeps_every_line(tmp_path):
     # A stand-in interpreter that prints its arguments (the last benchmark fails), so the script's own plumbing
-    # is what runs: the commands it issues, their log, the failure line.
-    fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\necho "ran: $*"\ncase "$*" in *resnet50*) exit 3;; esac\n')
-    fake.chmod(0o755)
-    out = tmp_path / "out"
-    result = subprocess.run(["bash", str(REPO / "benchmarks/gpu.sh"), str(out)], cwd=tmp_path,
-                            env={**os.environ, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    log = (out / "gpu.txt").read_text()
+    # is what runs: the commands it issues, their log, the failure line, its exit status.
+    result = _gpu_script(tmp_path, 'echo "ran: $*"\ncase "$*" in *resnet50*) exit 3;; esac\n', "out")
+    assert result.returncode == 1, result.stderr
+    log = (tmp_path / "out" / "gpu.txt").read_text()  # OUT_DIR relative to where the script was started
     assert "ran: benchmarks/vs_pytorch.py --models resnet20 --dtype bfloat16 --batch 512" in log
     assert "ran: benchmarks/vs_pytorch.py --models resnet18,resnet50 --image-size 224 --dtype bfloat16" in log
     assert "(exit status 3)" in log and log.count("(exit status") == 1
+
+
+def test_gpu_script_stops_a_command_at_its_time_limit_and_goes_on(tmp_path):
+    result = _gpu_script(tmp_path, 'case "$*" in *resnet20*) sleep 30;; esac\necho "ran: $*"\n', str(tmp_path / "o"),
+                         GPU_SH_LIMIT_S="2")
+    assert result.returncode == 1, result.stderr
+    log = (tmp_path / "o" / "gpu.txt").read_text()
+    assert "(stopped: over its 2 s limit)" in log
+    assert "ran: benchmarks/vs_pytorch.py --models resnet18,resnet50" in log  # the next command still ran
