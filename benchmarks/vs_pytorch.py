@@ -33,8 +33,10 @@ beside it).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -107,8 +109,6 @@ def torch_available(python: str | None = None) -> str | None:
         if importlib.util.find_spec("torch") is None:
             return "PyTorch is not installed here; `pip install torch==2.13.0` adds it (CPU build)"
         return None
-    import subprocess
-
     try:
         probe = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, timeout=300)
     except OSError as error:
@@ -128,7 +128,6 @@ _REPLY = "vs_pytorch-worker "  # prefix of the child's protocol lines on its std
 def _torch_worker(spec: dict[str, Any]) -> int:
     """The child process: builds a TorchTrainer from `spec`, then trains n steps for every line "n" read from
     stdin (an empty line or end of input ends it), answering each on stdout."""
-    import json
 
     def reply(kind: str, info: Any) -> None:
         sys.stdout.write(_REPLY + json.dumps([kind, info]) + "\n")
@@ -164,9 +163,6 @@ class TorchProcess:
 
     def __init__(self, name: str, batch_size: int, *, channels_last: bool = False, malloc: str = "default",
                  python: str | None = None, **options: Any) -> None:
-        import json
-        import subprocess
-
         spec = {"name": name, "batch_size": batch_size, "channels_last": channels_last, "malloc": malloc, **options}
         # A fresh interpreter running this file: no JAX, no inherited allocator state, and any Python version.
         self.process = subprocess.Popen([python or sys.executable, os.path.abspath(__file__), _WORKER_FLAG,
@@ -179,8 +175,6 @@ class TorchProcess:
         self.python = info["python"]
 
     def _receive(self) -> tuple[str, Any]:
-        import json
-
         for line in self.process.stdout:
             if line.startswith(_REPLY):
                 kind, info = json.loads(line[len(_REPLY):])
@@ -201,8 +195,6 @@ class TorchProcess:
 
     def close(self) -> None:
         """Ends the child: asks it to stop, and kills it if it is still busy 30 s later."""
-        import subprocess
-
         try:
             self.process.stdin.write("\n")
             self.process.stdin.close()
@@ -243,11 +235,12 @@ def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, to
         for key, trainer in sides.items():
             if key != "jax":
                 trainer.close()  # never raises: a child that does not end is killed
-    torch_params = {sides[k].params for k in sides if k != "jax"}
+    children = [trainer for key, trainer in sides.items() if key != "jax"]
+    torch_params = {child.params for child in children}
     return {"rates": rates, "compile_s": jax_trainer.compile_s, "jax_params": jax_trainer.params,
             "torch_params": torch_params.pop() if len(torch_params) == 1 else None,
-            "torch_version": next((sides[k].version for k in sides if k != "jax"), None),
-            "torch_python": next((sides[k].python for k in sides if k != "jax"), None)}
+            "torch_version": children[0].version if children else None,
+            "torch_python": children[0].python if children else None}
 
 
 # Dense bfloat16 peak TFLOP/s by device kind (vendor figures, no sparsity), for MFU; --peak-tflops overrides.
@@ -283,8 +276,6 @@ DEFAULT_STEPS = {"resnet20": 10, "resnet56": 5, "vgg11": 5, "lenet5": 50, "mlp":
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [_WORKER_FLAG]:  # the PyTorch child process (TorchProcess)
-        import json
-
         return _torch_worker(json.loads(argv[1]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
