@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
@@ -67,8 +68,9 @@ _NORM_TARGETS = {"forward": ("jaxcnn_onednn_norm_fwd", "JaxcnnNormFwd"),
 _POOL_TARGETS = {"forward": ("jaxcnn_max_pool_fwd", "JaxcnnMaxPoolFwd"),
                  "backward": ("jaxcnn_max_pool_bwd", "JaxcnnMaxPoolBwd")}
 _MATMUL_TARGET = ("jaxcnn_onednn_matmul", "JaxcnnMatmul")
+_SGD_TARGET = ("jaxcnn_sgd_update", "JaxcnnSgdUpdate")
 _SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                 for name in ("onednn_conv.cc", "onednn_norm.cc", "onednn_matmul.cc", "max_pool.cc"))
+                 for name in ("onednn_conv.cc", "onednn_norm.cc", "onednn_matmul.cc", "max_pool.cc", "sgd_update.cc"))
 _HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("onednn_common.h", "parallel_for.h"))
 _INSTALL_HINT = ("install a C++ compiler and oneDNN's headers (Debian/Ubuntu: `apt-get install g++ libdnnl-dev`), "
                  "or set JAXCNN_ONEDNN=0 to silence this")
@@ -214,7 +216,7 @@ def _library() -> ctypes.CDLL | None:
         lib.JaxcnnNormImpl.restype = ctypes.c_char_p
         lib.JaxcnnNormImpl.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_float]
         for target, symbol in (*_TARGETS.values(), *_NORM_TARGETS.values(), *_POOL_TARGETS.values(),
-                               _MATMUL_TARGET):
+                               _MATMUL_TARGET, _SGD_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         return lib
     except Exception as err:  # noqa: BLE001 - any failure means: keep XLA's convolutions, say why once
@@ -517,7 +519,54 @@ def max_pool_backward(g: jax.Array, choice: jax.Array, x_shape: tuple[int, ...],
     return call(g, choice, **_pool_attrs(window))
 
 
+# ------------------------------------------------------------------------------------------------- the SGD update
+
+SGD_SIMD: contextvars.ContextVar[int] = contextvars.ContextVar("jaxcnn_sgd_simd", default=2)
+"""The widest vector loop the SGD updates traced may run: 2 AVX-512, 1 AVX2 + FMA, 0 the portable loop (each the
+same bits; below 2 for tests). The CPU's own support caps it."""
+
+
+def sgd_update_usable(leaves: list) -> bool:
+    """True when `sgd_update` should run for these arrays: float32, the CPU backend, and the library built."""
+    if jax.default_backend() != "cpu" or not leaves:
+        return False
+    return all(np.dtype(x.dtype) == np.float32 for x in leaves) and available()
+
+
+def sgd_update(step: jax.Array, params: list[jax.Array], momenta: list[jax.Array], grads: list[jax.Array], *,
+               momentum: float, nesterov: bool, decays: list[float]) -> tuple[list[jax.Array], list[jax.Array]]:
+    """(params', momenta') of SGD with momentum and L2 weight decay, one pass over all leaves (csrc/sgd_update.cc).
+
+    step: float32 scalar, the signed step size (-learning rate); params, momenta, grads: float32 arrays, leaf i of
+    each of one shape; decays: each leaf's weight decay (0 for none). Per element, in float32, in the order of
+    optax's ``chain(add_decayed_weights, sgd(momentum, nesterov))`` and with each multiply-add fused (rounded
+    once), as XLA's CPU backend compiles that chain: ``d = fma(p, decay, g)`` (g where decay is 0),
+    ``m' = fma(m, momentum, d)``, ``u = fma(m', momentum, d)`` if nesterov else ``m'``, ``p' = fma(u, step, p)``.
+    """
+    if not (len(params) == len(momenta) == len(grads) == len(decays)):
+        raise ValueError(f"sgd_update: {len(params)} params, {len(momenta)} momenta, {len(grads)} gradients and "
+                         f"{len(decays)} decays: give one of each per leaf")
+    for i, (p, m, g) in enumerate(zip(params, momenta, grads)):
+        if not p.shape == m.shape == g.shape:
+            raise ValueError(f"sgd_update: leaf {i}: parameter {p.shape}, momentum {m.shape} and gradient {g.shape} "
+                             "must have one shape")
+    if _library() is None:  # builds and registers the targets on first use
+        raise RuntimeError(f"jaxcnn's native SGD update is unavailable; to fix: {_INSTALL_HINT}")
+    out = []
+    for p in params:
+        out += [jax.ShapeDtypeStruct(p.shape, np.float32)] * 2
+    operands = [x for leaf in zip(params, momenta, grads) for x in leaf]
+    # p' and m' are written into p's and m's buffers (operands 1 + 3i and 2 + 3i, after the step): the kernel
+    # reads each element before writing it, and XLA then updates a training loop's state in place.
+    aliases = {1 + 3 * i + j: 2 * i + j for i in range(len(params)) for j in (0, 1)}
+    call = jax.ffi.ffi_call(_SGD_TARGET[0], out, vmap_method="sequential", input_output_aliases=aliases)
+    results = call(jnp.asarray(step, np.float32).reshape(()), *operands, momentum=np.float32(momentum),
+                   nesterov=np.int64(bool(nesterov)), decay=np.asarray(decays, np.float32),
+                   simd=np.int64(SGD_SIMD.get()))
+    return list(results[0::2]), list(results[1::2])
+
+
 __all__ = ["Geometry", "NormGeometry", "POOL_SIMD", "available", "concurrent_devices", "conv2d", "conv_p", "enabled",
            "implementations", "matmul", "matmul_p", "max_pool_backward", "max_pool_forward", "norm_backward",
-           "norm_forward", "norm_usable", "norm_workspace_bytes", "pool_usable", "threads_per_device", "usable",
-           "xla_convolutions"]
+           "norm_forward", "norm_usable", "norm_workspace_bytes", "pool_usable", "SGD_SIMD", "sgd_update",
+           "sgd_update_usable", "threads_per_device", "usable", "xla_convolutions"]

@@ -77,6 +77,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcnn.config import ConfigError, OptimConfig, ScheduleConfig
+from jaxcnn.train.fused_sgd import fused_sgd
 
 Schedule = Callable[[Any], jax.Array]
 
@@ -240,7 +241,10 @@ def _base_optimizer(optim: OptimConfig, lr: Schedule) -> optax.GradientTransform
             raise ConfigError(f"optim.momentum={optim.momentum} must be in [0, 1) for sgd")
         if optim.nesterov and not optim.momentum:
             raise ConfigError("optim.nesterov=True needs optim.momentum > 0")
-        return l2(optax.sgd(lr, momentum=optim.momentum or None, nesterov=optim.nesterov))
+        if optim.momentum:  # optax's chain, with its update in one native pass on the CPU (jaxcnn.train.fused_sgd)
+            return fused_sgd(lr, momentum=optim.momentum, nesterov=optim.nesterov, weight_decay=wd,
+                             mask=mask if wd else None)
+        return l2(optax.sgd(lr))
     if name == "adam":
         return l2(optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps))
     if name == "adamw":

@@ -21,6 +21,7 @@ from jax import lax
 
 from jaxcnn.data import augment
 from jaxcnn.train.state import TrainState
+from jaxcnn.train.fused_sgd import apply_gradients
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -135,8 +136,7 @@ def make_train_step(opts: StepOptions, axis_name: str | None = None) -> Callable
         grad_norm = optax.tree.norm(grads)
 
         def updated() -> TrainState:
-            updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            params, opt_state = apply_gradients(state.tx, grads, state.opt_state, state.params)
             ema_params = state.ema_params
             if opts.ema_decay is not None and ema_params is not None:
                 d = opts.ema_decay

@@ -18,6 +18,7 @@ import pytest
 
 from jaxcnn.config import ConfigError, OptimConfig, ScheduleConfig
 from jaxcnn.models import create_model
+from jaxcnn.train.fused_sgd import apply_gradients
 from jaxcnn.train.optim import lr_at, make_optimizer, make_schedule, weight_decay_mask
 from jaxcnn.train.state import create_train_state
 from jaxcnn.train.step import StepOptions, cross_entropy, make_train_step
@@ -46,10 +47,10 @@ def as_f32(tree: Any) -> Any:
 
 
 def run_optax(tx: optax.GradientTransformation, params: Any, grads: list[Any]) -> Any:
+    """The train step's update (`apply_gradients`: the native SGD pass where make_optimizer chose it), per step."""
     state = tx.init(params)
     for g in grads:
-        updates, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = apply_gradients(tx, g, state, params)
     return params
 
 
