@@ -19,6 +19,10 @@ lr the scheduled rate; only leaves in the decay mask get wd):
 | lamb  | u = Adam(g) + wd·p;  p -= lr·(‖p‖/‖u‖)·u  per leaf                                          | decoupled |
 | lars  | g' = g + wd·p;  u = 0.001·(‖p‖/‖g'‖)·g' per leaf;  m = μ·m + lr·u;  p -= m                  | LARS |
 
+- **sgd with momentum** is `jaxcnn.train.fused_sgd`: optax's ``chain(add_decayed_weights(wd, mask),
+  sgd(lr, μ, nesterov))`` (the same state and checkpoints), whose update the train step runs as one native pass
+  over all parameters on the CPU, with the bits optax gives under `jax.jit`; clipping or a `trainable_mask`
+  wrap it in optax transformations and then take optax's update.
 - **L2** (sgd, adam) adds wd·p to the gradient before momentum or the Adam moments: for SGD that is the
   classic form of PyTorch's `SGD(weight_decay=...)` and of He et al. (2016), identical to adding
   (wd/2)·‖p‖² to the loss. SGD's momentum is PyTorch's (no dampening; `m` starts at 0).
