@@ -542,6 +542,7 @@ def sgd_update(step: jax.Array, params: list[jax.Array], momenta: list[jax.Array
     optax's ``chain(add_decayed_weights, sgd(momentum, nesterov))`` and with each multiply-add fused (rounded
     once), as XLA's CPU backend compiles that chain: ``d = fma(p, decay, g)`` (g where decay is 0),
     ``m' = fma(m, momentum, d)``, ``u = fma(m', momentum, d)`` if nesterov else ``m'``, ``p' = fma(u, step, p)``.
+    Differentiable (forward and reverse mode): its JVP is that formula's linearisation, in jax.numpy.
     """
     if not (len(params) == len(momenta) == len(grads) == len(decays)):
         raise ValueError(f"sgd_update: {len(params)} params, {len(momenta)} momenta, {len(grads)} gradients and "
@@ -550,8 +551,20 @@ def sgd_update(step: jax.Array, params: list[jax.Array], momenta: list[jax.Array
         if not p.shape == m.shape == g.shape:
             raise ValueError(f"sgd_update: leaf {i}: parameter {p.shape}, momentum {m.shape} and gradient {g.shape} "
                              "must have one shape")
+        if not all(np.dtype(x.dtype) == np.float32 for x in (p, m, g)):
+            raise ValueError(f"sgd_update: leaf {i}: parameter {p.dtype}, momentum {m.dtype} and gradient {g.dtype}: "
+                             "the native update is float32 only (use optax's update for other dtypes)")
     if _library() is None:  # builds and registers the targets on first use
         raise RuntimeError(f"jaxcnn's native SGD update is unavailable; to fix: {_INSTALL_HINT}")
+    new_p, new_m = _sgd_update(float(momentum), bool(nesterov), tuple(float(d) for d in decays), SGD_SIMD.get(),
+                               jnp.asarray(step, np.float32).reshape(()), tuple(params), tuple(momenta),
+                               tuple(grads))
+    return list(new_p), list(new_m)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def _sgd_update(momentum: float, nesterov: bool, decays: tuple[float, ...], simd: int, step: jax.Array,
+                params: tuple, momenta: tuple, grads: tuple) -> tuple[tuple, tuple]:
     out = []
     for p in params:
         out += [jax.ShapeDtypeStruct(p.shape, np.float32)] * 2
@@ -560,10 +573,25 @@ def sgd_update(step: jax.Array, params: list[jax.Array], momenta: list[jax.Array
     # reads each element before writing it, and XLA then updates a training loop's state in place.
     aliases = {1 + 3 * i + j: 2 * i + j for i in range(len(params)) for j in (0, 1)}
     call = jax.ffi.ffi_call(_SGD_TARGET[0], out, vmap_method="sequential", input_output_aliases=aliases)
-    results = call(jnp.asarray(step, np.float32).reshape(()), *operands, momentum=np.float32(momentum),
-                   nesterov=np.int64(bool(nesterov)), decay=np.asarray(decays, np.float32),
-                   simd=np.int64(SGD_SIMD.get()))
-    return list(results[0::2]), list(results[1::2])
+    results = call(step, *operands, momentum=np.float32(momentum), nesterov=np.int64(nesterov),
+                   decay=np.asarray(decays, np.float32), simd=np.int64(simd))
+    return tuple(results[0::2]), tuple(results[1::2])
+
+
+@_sgd_update.defjvp
+def _sgd_update_jvp(momentum: float, nesterov: bool, decays: tuple[float, ...], simd: int, primals: tuple,
+                    tangents: tuple) -> tuple:
+    step, params, momenta, grads = primals
+    dstep, dparams, dmomenta, dgrads = tangents
+    new_p, new_m = _sgd_update(momentum, nesterov, decays, simd, step, params, momenta, grads)
+    dp_out, dm_out = [], []
+    for p, m, g, dp, dm, dg, decay in zip(params, momenta, grads, dparams, dmomenta, dgrads, decays):
+        d, dd = (g + decay * p, dg + decay * dp) if decay else (g, dg)
+        m2, dm2 = d + momentum * m, dd + momentum * dm
+        u, du = (d + momentum * m2, dd + momentum * dm2) if nesterov else (m2, dm2)
+        dp_out.append(dp + dstep * u + step * du)
+        dm_out.append(dm2)
+    return (new_p, new_m), (tuple(dp_out), tuple(dm_out))
 
 
 __all__ = ["Geometry", "NormGeometry", "POOL_SIMD", "available", "concurrent_devices", "conv2d", "conv_p", "enabled",

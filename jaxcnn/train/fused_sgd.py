@@ -49,7 +49,8 @@ def fused_sgd(learning_rate: float | Callable[[Any], Any], *, momentum: float, n
     the decay when weight_decay is 0), with an `apply` that runs it as one pass on the CPU.
 
     learning_rate: a float or a schedule (update count -> rate). momentum in (0, 1). mask: None (decay every
-    leaf), a pytree of bools like the params, or a function params -> such a pytree (as optax's `mask`).
+    leaf), a pytree of bools like the params or a prefix of it (one bool for a subtree), or a function params ->
+    such a pytree (as optax's `mask`). `apply` is differentiable, as optax's update is.
     """
     if not 0.0 < momentum < 1.0:
         raise ValueError(f"fused_sgd: momentum={momentum} must be in (0, 1) (momentum 0 is plain optax.sgd)")
@@ -74,8 +75,10 @@ def fused_sgd(learning_rate: float | Callable[[Any], Any], *, momentum: float, n
             return optax_apply(grads, state, params)
         decays = [float(weight_decay)] * len(p_leaves)
         if weight_decay and mask is not None:
-            chosen = mask(params) if callable(mask) else mask
-            decays = [float(weight_decay) if bool(on) else 0.0 for on in treedef.flatten_up_to(chosen)]
+            chosen = _leaf_mask(mask(params) if callable(mask) else mask, params, treedef)
+            if chosen is None:  # a mask of traced values: optax's masked update handles it
+                return optax_apply(grads, state, params)
+            decays = [float(weight_decay) if on else 0.0 for on in chosen]
         if callable(learning_rate):  # optax's scale_by_learning_rate: -1 * lr(count), as float32
             step = jnp.asarray(-1 * learning_rate(schedule.count), jnp.float32)
             schedule = optax.ScaleByScheduleState(count=optax.safe_increment(schedule.count))
@@ -88,6 +91,20 @@ def fused_sgd(learning_rate: float | Callable[[Any], Any], *, momentum: float, n
         return treedef.unflatten(new_p), new_state
 
     return FusedSGD(chain.init, chain.update, apply)
+
+
+def _leaf_mask(mask: Any, params: Any, treedef: Any) -> list[bool] | None:
+    """One bool per leaf of `params` from an optax-style mask: a pytree like `params` or a prefix of it (a bool
+    for a whole subtree), as `optax.masked` takes it. None when a mask value is not known at trace time."""
+    try:
+        full = jax.tree_util.tree_map(lambda on, sub: jax.tree_util.tree_map(lambda _: on, sub), mask, params)
+    except ValueError as err:
+        raise ValueError(f"fused_sgd: the weight-decay mask must be a pytree like the parameters or a prefix of "
+                         f"them, with a bool per leaf or per subtree: {err}") from None
+    try:
+        return [bool(on) for on in treedef.flatten_up_to(full)]
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError):
+        return None
 
 
 def apply_gradients(tx: optax.GradientTransformation | FusedSGD, grads: Any, opt_state: Any,

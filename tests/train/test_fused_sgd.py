@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import lax
 
 from jaxcnn.config import OptimConfig, ScheduleConfig
 from jaxcnn.nn import onednn
@@ -197,3 +198,71 @@ def test_errors_say_what_is_wrong() -> None:
         onednn.sgd_update(np.float32(-0.1), p, m, g, momentum=0.9, nesterov=False, decays=[0.0])
     with pytest.raises(ValueError, match="give one of each per leaf"):
         onednn.sgd_update(np.float32(-0.1), p, m, [], momentum=0.9, nesterov=False, decays=[0.0])
+
+
+@needs_native
+def test_prefix_mask_zero_size_leaves_and_inputs_left_alone() -> None:
+    """A mask that is a prefix of the params (as optax.masked takes it), empty leaves, and eager calls that leave
+    their inputs as they were (the results are aliased to the inputs only inside a compiled computation)."""
+    params = {"conv": {"kernel": tree(0)["d"], "bias": tree(0)["b"]}, "empty": np.zeros((0, 3), np.float32),
+              "fc": tree(0)["e"]}
+    grads = jax.tree_util.tree_map(lambda x: np.float32(0.1) * x + np.float32(0.01), params)
+    mask = {"conv": True, "empty": True, "fc": False}
+    tx = fused_sgd(0.1, momentum=0.9, weight_decay=1e-2, mask=mask)
+    plain = optax.chain(optax.add_decayed_weights(1e-2, mask), optax.sgd(0.1, momentum=0.9))
+    before = jax.tree_util.tree_map(np.copy, params)
+    got_p, got_s = run(tx, params, [grads, grads], fused=True)
+    want_p, want_s = run(plain, params, [grads, grads], fused=False)
+    for a, b in zip(jax.tree_util.tree_leaves((got_p, got_s)), jax.tree_util.tree_leaves((want_p, want_s))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    state = tx.init(params)
+    new_p, _ = apply_gradients(tx, grads, state, params)  # eager
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(before)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(np.asarray(new_p["fc"]), params["fc"])
+    with pytest.raises(ValueError, match="a pytree like the parameters or a prefix"):
+        fused_sgd(0.1, momentum=0.9, weight_decay=1e-2, mask={"other": True}).apply(grads, state, params)
+
+
+@needs_native
+def test_inside_cond_and_vmap_and_differentiable() -> None:
+    tx = fused_sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    plain = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.05, momentum=0.9, nesterov=True))
+    params, grads = tree(0), tree(1, 0.1)
+
+    def fused_step(p, g, keep):  # the train step's guard: the update in one branch, the old state in the other
+        return lax.cond(keep, lambda: apply_gradients(tx, g, tx.init(p), p)[0], lambda: p)
+
+    def optax_step(p, g):
+        updates, _ = plain.update(g, plain.init(p), p)
+        return optax.apply_updates(p, updates)
+
+    kept = jax.jit(fused_step)(params, grads, True)
+    skipped = jax.jit(fused_step)(params, grads, False)
+    want = jax.jit(optax_step)(params, grads)
+    for k in SHAPES:
+        np.testing.assert_array_equal(np.asarray(kept[k]), np.asarray(want[k]))
+        np.testing.assert_array_equal(np.asarray(skipped[k]), params[k])
+    # vmap over a batch of two gradient trees
+    both = jax.tree_util.tree_map(lambda a, b: np.stack([a, b]), grads, tree(2, 0.1))
+    batched = jax.jit(jax.vmap(lambda g: fused_step(params, g, True)))(both)
+    for i, g in enumerate((grads, tree(2, 0.1))):
+        want_i = jax.jit(optax_step)(params, g)
+        for k in SHAPES:
+            np.testing.assert_array_equal(np.asarray(batched[k][i]), np.asarray(want_i[k]))
+
+    # derivatives through the update (e.g. a hypergradient): the same as through optax's, to float tolerance
+    def loss(step_fn):
+        return lambda p, g: sum(jnp.sum(jnp.sin(x)) for x in jax.tree_util.tree_leaves(step_fn(p, g)))
+
+    got = jax.jit(jax.grad(loss(lambda p, g: fused_step(p, g, True)), argnums=(0, 1)))(params, grads)
+    ref = jax.jit(jax.grad(loss(optax_step), argnums=(0, 1)))(params, grads)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+@needs_native
+def test_sgd_update_rejects_other_dtypes_with_a_clear_message() -> None:
+    p = [jnp.zeros(3, jnp.bfloat16)]
+    with pytest.raises(ValueError, match="float32 only"):
+        onednn.sgd_update(np.float32(-0.1), p, p, p, momentum=0.9, nesterov=False, decays=[0.0])
