@@ -3,7 +3,7 @@
 Command:   python -m jaxcnn train experiments/fashion_mnist_lenet5.py --workdir runs/fashion_mnist_lenet5
 Question:  how far does the classic LeNet-5 (61,706 parameters; ReLU and max pooling) get on Fashion-MNIST?
 Runtime:   15 epochs of 60,000 images: measured 28 s wall on a 2-core CPU (41,921 train images/s, jax 0.10.2,
-           ninth session; 36 s in the eighth, 43 s in the sixth, 52 s on the fifth session's VM); 133 s before the fifth session's
+           ninth session; 42-64 s, median 44 s, on the tenth session's slower day; 36 s in the eighth, 43 s in the sixth, 52 s on the fifth session's VM); 133 s before the fifth session's
            speed work, 15.5 min for the first version of the code on the same kind of machine shared with other jobs.
 Expected:  91.78% test accuracy on all 10,000 test images, measured (seed 0, jax 0.10.2; earlier code, whose sums
            ran in another order: 91.47%, 91.39%, 91.69%); >= 89.5% required.
