@@ -60,18 +60,16 @@ def fused_sgd(learning_rate: float | Callable[[Any], Any], *, momentum: float, n
     chain = optax.chain(optax.add_decayed_weights(weight_decay, mask), sgd) if weight_decay else sgd
 
     def optax_apply(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
-        updates, state = chain.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+        return _optax_apply(chain, grads, state, params)
 
     def apply(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
-        p_leaves, treedef = jax.tree_util.tree_flatten(params)
-        g_leaves = treedef.flatten_up_to(grads)
         sgd_state = state[1] if weight_decay else state
         trace, schedule = sgd_state
-        if not (isinstance(trace, optax.TraceState) and onednn.sgd_update_usable(p_leaves + g_leaves)):
+        if not isinstance(trace, optax.TraceState):
             return optax_apply(grads, state, params)
-        m_leaves = treedef.flatten_up_to(trace.trace)
-        if not onednn.sgd_update_usable(m_leaves):
+        p_leaves, treedef = jax.tree_util.tree_flatten(params)
+        g_leaves, m_leaves = treedef.flatten_up_to(grads), treedef.flatten_up_to(trace.trace)
+        if not onednn.sgd_update_usable(p_leaves + g_leaves + m_leaves):
             return optax_apply(grads, state, params)
         decays = [float(weight_decay)] * len(p_leaves)
         if weight_decay and mask is not None:
@@ -113,6 +111,10 @@ def apply_gradients(tx: optax.GradientTransformation | FusedSGD, grads: Any, opt
     ``optax.apply_updates``."""
     if isinstance(tx, FusedSGD):
         return tx.apply(grads, opt_state, params)
+    return _optax_apply(tx, grads, opt_state, params)
+
+
+def _optax_apply(tx: Any, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 

@@ -18,8 +18,6 @@
 // so the results are the bits XLA gives for optax's update (tests/train/test_fused_sgd.py checks both against a
 // NumPy reference of these formulas and against optax under jax.jit).
 
-#pragma GCC optimize("fp-contract=off")
-
 #include <algorithm>
 #include <cmath>
 #if defined(__x86_64__)
@@ -43,7 +41,6 @@ struct Leaf {
   float* p_out;
   float* m_out;
   float decay;
-  int64_t size;
 };
 
 // The loops read each element of p, m and g before writing p' and m' at the same index, so the results may be
@@ -178,7 +175,7 @@ ffi::Error SgdUpdate(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> step_buffer, ff
       }
       out[j] = static_cast<float*>((*buf)->untyped_data());
     }
-    leaves[i] = Leaf{in[0], in[1], in[2], out[0], out[1], decay[i], size};
+    leaves[i] = Leaf{in[0], in[1], in[2], out[0], out[1], decay[i]};
     offsets[i + 1] = offsets[i] + size;
   }
   const float step = *step_buffer.typed_data();
