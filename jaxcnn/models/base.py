@@ -21,12 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcnn.models.heads import ClassifierHead, HeadPool
 from jaxcnn.models.registry import ModelConfigError
 from jaxcnn.nn import layers
-from jaxcnn.nn.blocks import ClassifierHead
 
 DTypeName = Literal["float32", "bfloat16"]
-HeadKind = Literal["gap", "flatten"]
+HeadKind = HeadPool  # the `head` knob: "gap", "gmp" (global max pool) or "flatten"
 DownsampleKind = Literal["conv", "pool"]
 ModuleDef = Any
 
@@ -165,14 +165,12 @@ class ClassifierBase(nn.Module):
             return collections.OrderedDict([*features.items(), ("logits", logits)])
         return logits
 
-    def classify(
-        self, x: jax.Array, train: bool, features: dict[str, jax.Array], return_features: bool
-    ) -> jax.Array | dict[str, jax.Array]:
+    def head_module(self) -> ClassifierHead:
         """The head (submodule ``head``) from the model's ``head``, ``head_pool_size``, ``head_hidden`` and
-        ``dropout`` knobs (GAP without hidden layers for models without them), then `finish`."""
-        head = ClassifierHead(
+        ``dropout`` knobs; a model without the first three gets GAP without hidden layers."""
+        return ClassifierHead(
             self.num_classes,
-            kind=getattr(self, "head", "gap"),
+            pool=getattr(self, "head", "gap"),
             pool_size=getattr(self, "head_pool_size", None),
             hidden=getattr(self, "head_hidden", ()),
             dropout=self.dropout,
@@ -180,8 +178,12 @@ class ClassifierBase(nn.Module):
             dense=self.dense_def(),
             name="head",
         )
-        pre_logits, logits = head(x, train)
-        return self.finish({**features, "pre_logits": pre_logits}, logits, return_features)
 
+    def classify(
+        self, x: jax.Array, train: bool, features: dict[str, jax.Array], return_features: bool
+    ) -> jax.Array | dict[str, jax.Array]:
+        """`head_module` on ``x``, then `finish` (the head's features, ``pre_logits`` and the like, added)."""
+        head_features, logits = self.head_module()(x, train)
+        return self.finish({**features, **head_features}, logits, return_features)
 
 __all__ = ["ClassifierBase", "DTypeName", "DownsampleKind", "HeadKind", "ModuleDef"]

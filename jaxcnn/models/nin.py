@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxcnn.models.base import ClassifierBase
+from jaxcnn.models.heads import ClassifierHead
 from jaxcnn.models.registry import register_model
 from jaxcnn.nn import layers
 from jaxcnn.nn.blocks import NiNBlock, check_downsample
@@ -16,10 +18,10 @@ class NiN(ClassifierBase):
     """mlpconv(5x5·192, 1x1·160, 1x1·96) -> pool -> dropout -> mlpconv(5x5·192, 1x1·192, 1x1·192) -> pool ->
     dropout -> mlpconv(3x3·192, 1x1·192) -> 1x1 conv to ``num_classes`` class maps -> global average pool.
 
-    As in the paper's CIFAR-10 model there are no dense layers: the last 1x1 conv makes one map per class and
-    their averages are the logits (966,986 parameters at 10 classes with ``norm='none'``). Pools are 3x3 stride 2
-    ('same' padding: 32 -> 16 -> 8, Caffe's ceil-mode sizes), both of kind ``pool`` (the Caffe model averaged in
-    the second). ``dropout`` (0.5) follows each pool. The class maps get no ReLU (the Caffe model had one).
+    As in the paper's CIFAR-10 model there are no dense layers: the last 1x1 conv (``head/logits``) makes one map
+    per class and their averages are the logits (966,986 parameters at 10 classes with ``norm='none'``). Pools are
+    3x3 stride 2 ('same' padding: 32 -> 16 -> 8, Caffe's ceil-mode sizes), both of kind ``pool`` (the Caffe model
+    averaged in the second). ``dropout`` (0.5) follows each pool. The class maps get no ReLU (the Caffe model had one).
     ``width`` scales every hidden channel count.
 
     x: ``[N, H, W, C]`` -> logits ``[N, num_classes]``. Features: ``block1``, ``block2``, ``block3``, ``class_maps``,
@@ -47,10 +49,12 @@ class NiN(ClassifierBase):
                 x = layers.Pool2d(self.pool, window=3, strides=2, padding="same", name=f"{name}_pool")(x)
                 x = nn.Dropout(self.dropout)(x, deterministic=not train)
             features[name] = x
-        maps = self.conv_def(use_bias=True)(self.num_classes, kernel_size=1, padding=0, name="head")(x)
-        pre_logits = jnp.mean(x, axis=(1, 2))
-        logits = jnp.mean(maps, axis=(1, 2))
-        return self.finish({**features, "class_maps": maps, "pre_logits": pre_logits}, logits, return_features)
+        return self.classify(x, train, features, return_features)
+
+    def head_module(self) -> ClassifierHead:
+        """A 1x1 conv to one map per class (biased, initialised like the other convs), averaged into the logits."""
+        class_map_conv = functools.partial(self.conv_def(use_bias=True), kernel_size=1, padding=0)
+        return ClassifierHead(self.num_classes, pool="gap", class_maps=True, dense=class_map_conv, name="head")
 
 
 register_model("nin", NiN, description="Network in Network (CIFAR-10 model, GAP head): 966,986 params at 10 classes")

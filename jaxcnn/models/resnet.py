@@ -56,7 +56,7 @@ class ResNet(ClassifierBase):
       groups / base_width: grouped convs (ResNeXt): bottleneck inner width int(planes * base_width / 64) * groups.
       downsample: 'conv' (stride-2 first block of a stage) or 'pool' (a 2x2 stride-2 pool of kind `pool` before
         the stage, blocks at stride 1).
-      head / head_hidden / dropout: the classifier head (`jaxcnn.nn.blocks.ClassifierHead`).
+      head / head_hidden / dropout: the classifier head (`jaxcnn.models.heads.ClassifierHead`).
       block_dropout: dropout between the convs of each block (wide ResNets).
       zero_init_residual: start the last norm of each residual branch at 0 (Goyal et al., 2017).
 
@@ -167,18 +167,50 @@ class ResNet(ClassifierBase):
 # ---------------------------------------------------------------------------------------------------------
 
 _CIFAR = functools.partial(ResNet, num_classes=10, stem="cifar", stem_width=16, stage_widths=(16, 32, 64))
-for _depth in (20, 32, 44, 56, 110, 1202):
-    _n = (_depth - 2) // 6
-    register_model(
-        f"resnet{_depth}", functools.partial(_CIFAR, stage_sizes=(_n,) * 3, shortcut="A"),
-        description=f"CIFAR ResNet-{_depth} (He et al. 2015): 3 stages x {_n} basic blocks, option-A shortcuts",
-    )
-for _depth in (20, 32, 44, 56, 110):
-    _n = (_depth - 2) // 6
-    register_model(
-        f"plain{_depth}", functools.partial(_CIFAR, stage_sizes=(_n,) * 3, residual=False),
-        description=f"CIFAR plain-{_depth}: resnet{_depth} without shortcuts (the degradation ablation)",
-    )
+register_model(
+    "resnet20", functools.partial(_CIFAR, stage_sizes=(3, 3, 3), shortcut="A"),
+    description="CIFAR ResNet-20 (He et al. 2015): 3 stages x 3 basic blocks, option-A shortcuts",
+)
+register_model(
+    "resnet32", functools.partial(_CIFAR, stage_sizes=(5, 5, 5), shortcut="A"),
+    description="CIFAR ResNet-32 (He et al. 2015): 3 stages x 5 basic blocks, option-A shortcuts",
+)
+register_model(
+    "resnet44", functools.partial(_CIFAR, stage_sizes=(7, 7, 7), shortcut="A"),
+    description="CIFAR ResNet-44 (He et al. 2015): 3 stages x 7 basic blocks, option-A shortcuts",
+)
+register_model(
+    "resnet56", functools.partial(_CIFAR, stage_sizes=(9, 9, 9), shortcut="A"),
+    description="CIFAR ResNet-56 (He et al. 2015): 3 stages x 9 basic blocks, option-A shortcuts",
+)
+register_model(
+    "resnet110", functools.partial(_CIFAR, stage_sizes=(18, 18, 18), shortcut="A"),
+    description="CIFAR ResNet-110 (He et al. 2015): 3 stages x 18 basic blocks, option-A shortcuts",
+)
+register_model(
+    "resnet1202", functools.partial(_CIFAR, stage_sizes=(200, 200, 200), shortcut="A"),
+    description="CIFAR ResNet-1202 (He et al. 2015): 3 stages x 200 basic blocks, option-A shortcuts",
+)
+register_model(
+    "plain20", functools.partial(_CIFAR, stage_sizes=(3, 3, 3), residual=False),
+    description="CIFAR plain-20: resnet20 without shortcuts (the degradation ablation)",
+)
+register_model(
+    "plain32", functools.partial(_CIFAR, stage_sizes=(5, 5, 5), residual=False),
+    description="CIFAR plain-32: resnet32 without shortcuts (the degradation ablation)",
+)
+register_model(
+    "plain44", functools.partial(_CIFAR, stage_sizes=(7, 7, 7), residual=False),
+    description="CIFAR plain-44: resnet44 without shortcuts (the degradation ablation)",
+)
+register_model(
+    "plain56", functools.partial(_CIFAR, stage_sizes=(9, 9, 9), residual=False),
+    description="CIFAR plain-56: resnet56 without shortcuts (the degradation ablation)",
+)
+register_model(
+    "plain110", functools.partial(_CIFAR, stage_sizes=(18, 18, 18), residual=False),
+    description="CIFAR plain-110: resnet110 without shortcuts (the degradation ablation)",
+)
 
 _PREACT = functools.partial(_CIFAR, preact=True, shortcut="B")
 register_model(
@@ -214,18 +246,34 @@ register_model(
 _IMAGENET = functools.partial(
     ResNet, num_classes=1000, stem="imagenet", stem_width=64, stage_widths=(64, 128, 256, 512), shortcut="B"
 )
-for _name, _sizes, _kw, _count in (
-    ("resnet18", (2, 2, 2, 2), {}, "11,689,512"),
-    ("resnet34", (3, 4, 6, 3), {}, "21,797,672"),
-    ("resnet50", (3, 4, 6, 3), {"block": "bottleneck"}, "25,557,032"),
-    ("resnet101", (3, 4, 23, 3), {"block": "bottleneck"}, "44,549,160"),
-    ("resnet152", (3, 8, 36, 3), {"block": "bottleneck"}, "60,192,808"),
-    ("resnext50_32x4d", (3, 4, 6, 3), {"block": "bottleneck", "groups": 32, "base_width": 4}, "25,028,904"),
-    ("wide_resnet50_2", (3, 4, 6, 3), {"block": "bottleneck", "base_width": 128}, "68,883,240"),
-):
-    register_model(
-        _name, functools.partial(_IMAGENET, stage_sizes=_sizes, **_kw),
-        description=f"ImageNet {_name} as torchvision builds it: {_count} params at 1000 classes",
-    )
+register_model(
+    "resnet18", functools.partial(_IMAGENET, stage_sizes=(2, 2, 2, 2)),
+    description="ImageNet resnet18 as torchvision builds it: 11,689,512 params at 1000 classes",
+)
+register_model(
+    "resnet34", functools.partial(_IMAGENET, stage_sizes=(3, 4, 6, 3)),
+    description="ImageNet resnet34 as torchvision builds it: 21,797,672 params at 1000 classes",
+)
+register_model(
+    "resnet50", functools.partial(_IMAGENET, stage_sizes=(3, 4, 6, 3), block="bottleneck"),
+    description="ImageNet resnet50 as torchvision builds it: 25,557,032 params at 1000 classes",
+)
+register_model(
+    "resnet101", functools.partial(_IMAGENET, stage_sizes=(3, 4, 23, 3), block="bottleneck"),
+    description="ImageNet resnet101 as torchvision builds it: 44,549,160 params at 1000 classes",
+)
+register_model(
+    "resnet152", functools.partial(_IMAGENET, stage_sizes=(3, 8, 36, 3), block="bottleneck"),
+    description="ImageNet resnet152 as torchvision builds it: 60,192,808 params at 1000 classes",
+)
+register_model(
+    "resnext50_32x4d",
+    functools.partial(_IMAGENET, stage_sizes=(3, 4, 6, 3), block="bottleneck", groups=32, base_width=4),
+    description="ImageNet resnext50_32x4d as torchvision builds it: 25,028,904 params at 1000 classes",
+)
+register_model(
+    "wide_resnet50_2", functools.partial(_IMAGENET, stage_sizes=(3, 4, 6, 3), block="bottleneck", base_width=128),
+    description="ImageNet wide_resnet50_2 as torchvision builds it: 68,883,240 params at 1000 classes",
+)
 
 __all__ = ["ResNet"]

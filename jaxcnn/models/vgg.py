@@ -75,17 +75,38 @@ class VGG(ClassifierBase):
         return self.classify(x, train, features, return_features)
 
 
-_SIZES = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
-_COUNTS = {11: "132,863,336", 13: "133,047,848", 16: "138,357,544", 19: "143,667,240"}
-_BN_COUNTS = {11: "132,868,840", 13: "133,053,736", 16: "138,365,992", 19: "143,678,248"}
-for _depth, _sizes in _SIZES.items():
-    register_model(
-        f"vgg{_depth}", functools.partial(VGG, num_classes=1000, stage_sizes=_sizes),
-        description=f"VGG-{_depth} (torchvision layout): {_COUNTS[_depth]} params at 1000 classes",
-    )
-    register_model(
-        f"vgg{_depth}_bn", functools.partial(VGG, num_classes=1000, stage_sizes=_sizes, norm="batch"),
-        description=f"VGG-{_depth} with BatchNorm (torchvision layout): {_BN_COUNTS[_depth]} params at 1000 classes",
-    )
+# Convs per stage: Table 1 of the paper (configurations A, B, D, E); parameter counts equal torchvision's.
+register_model(
+    "vgg11", functools.partial(VGG, num_classes=1000, stage_sizes=(1, 1, 2, 2, 2)),
+    description="VGG-11 (torchvision layout): 132,863,336 params at 1000 classes",
+)
+register_model(
+    "vgg11_bn", functools.partial(VGG, num_classes=1000, stage_sizes=(1, 1, 2, 2, 2), norm="batch"),
+    description="VGG-11 with BatchNorm (torchvision layout): 132,868,840 params at 1000 classes",
+)
+register_model(
+    "vgg13", functools.partial(VGG, num_classes=1000, stage_sizes=(2, 2, 2, 2, 2)),
+    description="VGG-13 (torchvision layout): 133,047,848 params at 1000 classes",
+)
+register_model(
+    "vgg13_bn", functools.partial(VGG, num_classes=1000, stage_sizes=(2, 2, 2, 2, 2), norm="batch"),
+    description="VGG-13 with BatchNorm (torchvision layout): 133,053,736 params at 1000 classes",
+)
+register_model(
+    "vgg16", functools.partial(VGG, num_classes=1000, stage_sizes=(2, 2, 3, 3, 3)),
+    description="VGG-16 (torchvision layout): 138,357,544 params at 1000 classes",
+)
+register_model(
+    "vgg16_bn", functools.partial(VGG, num_classes=1000, stage_sizes=(2, 2, 3, 3, 3), norm="batch"),
+    description="VGG-16 with BatchNorm (torchvision layout): 138,365,992 params at 1000 classes",
+)
+register_model(
+    "vgg19", functools.partial(VGG, num_classes=1000, stage_sizes=(2, 2, 4, 4, 4)),
+    description="VGG-19 (torchvision layout): 143,667,240 params at 1000 classes",
+)
+register_model(
+    "vgg19_bn", functools.partial(VGG, num_classes=1000, stage_sizes=(2, 2, 4, 4, 4), norm="batch"),
+    description="VGG-19 with BatchNorm (torchvision layout): 143,678,248 params at 1000 classes",
+)
 
 __all__ = ["VGG"]

@@ -1,4 +1,5 @@
-"""Building blocks of the model zoo: conv-norm-act, residual blocks, Inception and NiN blocks, the classifier head.
+"""Building blocks of the model zoo: conv-norm-act, residual blocks, Inception and NiN blocks (the classifier head is
+`jaxcnn.models.heads`).
 
 Following Flax's examples, a block does not choose its convolution, normalisation or activation: they are
 injected as ``conv`` (a `layers.Conv2d` partial with the dtypes set), ``norm`` (a `layers.make_norm` partial,
@@ -327,53 +328,9 @@ class NiNBlock(nn.Module):
         return x
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Classifier head
-# ---------------------------------------------------------------------------------------------------------
-
-
-class ClassifierHead(nn.Module):
-    """Feature map to logits: pool, hidden dense layers, logits.
-
-    ``kind='gap'``: global average pool ``[N, H, W, C] -> [N, C]``. ``kind='flatten'``: flatten to
-    ``[N, H * W * C]``, after `adaptive_avg_pool` to ``pool_size x pool_size`` when given (torchvision's VGG and
-    AlexNet). ``[N, D]`` inputs are used as they are. Then for each of ``hidden``: dense, act, dropout; with no
-    hidden layer the dropout acts on the pooled features. Submodules ``fc1``, ``fc2``, ... and ``logits``.
-
-    Returns ``(pre_logits [N, D'], logits [N, num_classes])``; pre_logits are the logits layer's input.
-    """
-
-    num_classes: int
-    kind: Literal["gap", "flatten"] = "gap"
-    pool_size: int | None = None
-    hidden: tuple[int, ...] = ()
-    dropout: float = 0.0
-    act: Callable[[jax.Array], jax.Array] = jax.nn.relu
-    dense: ModuleDef = layers.Dense
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-        if x.ndim == 4:
-            if self.kind == "gap":
-                x = jnp.mean(x, axis=(1, 2))
-            elif self.kind == "flatten":
-                if self.pool_size is not None:
-                    x = adaptive_avg_pool(x, (self.pool_size, self.pool_size))
-                x = x.reshape(x.shape[0], -1)
-            else:
-                raise ValueError(f"unknown head {self.kind!r}; use 'gap' or 'flatten'")
-        elif x.ndim != 2:
-            raise ValueError(f"ClassifierHead expects [N, H, W, C] or [N, D], got {tuple(x.shape)}")
-        drop = functools.partial(nn.Dropout(self.dropout), deterministic=not train)
-        for i, units in enumerate(self.hidden):
-            x = self.act(self.dense(units, name=f"fc{i + 1}")(drop(x) if i else x))
-        return x, self.dense(self.num_classes, name="logits")(drop(x))
-
-
 __all__ = [
     "BasicBlock",
     "BottleneckBlock",
-    "ClassifierHead",
     "ConvNormAct",
     "InceptionBlock",
     "NiNBlock",

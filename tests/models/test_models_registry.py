@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import typing
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -35,6 +37,28 @@ def test_list_models_and_patterns():
         assert required in names
     assert list_models("vgg*_bn") == ["vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
     assert list_models("nothing*") == []
+
+
+def test_every_registered_name_is_written_literally_in_a_model_file():
+    """`grep '"resnet50"' jaxcnn/models` finds every model: each name is a string literal in its register call,
+    outside any loop (no names built from a table or an f-string)."""
+    found, problems = set(), []
+    for path in sorted((Path(__file__).parents[2] / "jaxcnn" / "models").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        loops = [node for node in ast.walk(tree) if isinstance(node, (ast.For, ast.While, ast.comprehension))]
+        in_loop = {id(n) for loop in loops for n in ast.walk(loop)}
+        for node in ast.walk(tree):
+            func = getattr(node, "func", None)
+            if not (isinstance(node, ast.Call) and getattr(func, "id", getattr(func, "attr", None)) in
+                    ("register", "register_model")) or path.name == "registry.py":
+                continue
+            first = node.args[0] if node.args else None
+            if not (isinstance(first, ast.Constant) and isinstance(first.value, str)) or id(node) in in_loop:
+                problems.append(f"{path.name}:{node.lineno}: {ast.unparse(node)[:80]}")
+            else:
+                found.add(first.value)
+    assert not problems, "register calls without a literal name, or inside a loop:\n" + "\n".join(problems)
+    assert found == {n for n in list_models() if _REGISTRY[n].module.__module__.startswith("jaxcnn.models.")}
 
 
 def test_unknown_model_lists_close_matches_first():

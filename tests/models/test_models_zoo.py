@@ -252,7 +252,7 @@ def test_features_logits_equal_the_plain_output(images):
     # NiN's class maps averaged are the logits; 1x1 conv and averaging commute, so the pre-logits through the
     # head's kernel give them too.
     np.testing.assert_allclose(features["class_maps"].mean(axis=(1, 2)), features["logits"], rtol=1e-5, atol=1e-6)
-    head = variables["params"]["head"]
+    head = variables["params"]["head"]["logits"]
     via_pre = features["pre_logits"] @ head["kernel"][0, 0] + head["bias"]
     np.testing.assert_allclose(via_pre, features["logits"], rtol=1e-4, atol=1e-5)
 
