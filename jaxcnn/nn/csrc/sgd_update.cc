@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #endif
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -118,20 +119,19 @@ void UpdateSpan(const Leaf& leaf, int64_t begin, int64_t end, float step, float 
   UpdateSpanPortable<kNesterov, kDecay>(leaf, begin, end, step, momentum);
 }
 
-// Elements [begin, end) of the leaves laid end to end (offsets[i] is where leaf i starts).
-void UpdateRange(const std::vector<Leaf>& leaves, const std::vector<int64_t>& offsets, int64_t begin, int64_t end,
-                 float step, float momentum, bool nesterov, int level) {
-  size_t i = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
-  for (; i < leaves.size() && offsets[i] < end; ++i) {
-    int64_t lo = std::max(begin, offsets[i]) - offsets[i];
-    int64_t hi = std::min(end, offsets[i + 1]) - offsets[i];
-    // A leaf without decay takes g itself, as optax's mask leaves it (not g + 0 * p: NaN for an infinite p).
-    bool decay = leaves[i].decay != 0.0f;
-    if (nesterov && decay) UpdateSpan<true, true>(leaves[i], lo, hi, step, momentum, level);
-    if (nesterov && !decay) UpdateSpan<true, false>(leaves[i], lo, hi, step, momentum, level);
-    if (!nesterov && decay) UpdateSpan<false, true>(leaves[i], lo, hi, step, momentum, level);
-    if (!nesterov && !decay) UpdateSpan<false, false>(leaves[i], lo, hi, step, momentum, level);
-  }
+// Elements [begin, end) of one leaf.
+struct Span {
+  int64_t leaf, begin, end;
+};
+
+void UpdateLeaf(const Leaf& leaf, int64_t begin, int64_t end, float step, float momentum, bool nesterov,
+                int level) {
+  // A leaf without decay takes g itself, as optax's mask leaves it (not g + 0 * p: NaN for an infinite p).
+  const bool decay = leaf.decay != 0.0f;
+  if (nesterov && decay) UpdateSpan<true, true>(leaf, begin, end, step, momentum, level);
+  if (nesterov && !decay) UpdateSpan<true, false>(leaf, begin, end, step, momentum, level);
+  if (!nesterov && decay) UpdateSpan<false, true>(leaf, begin, end, step, momentum, level);
+  if (!nesterov && !decay) UpdateSpan<false, false>(leaf, begin, end, step, momentum, level);
 }
 
 ffi::Error SgdUpdate(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> step_buffer, ffi::RemainingArgs args,
@@ -182,9 +182,39 @@ ffi::Error SgdUpdate(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> step_buffer, ff
   const bool nest = nesterov != 0;
   // simd: the widest loop up to that level (0 portable, 1 AVX2, 2 AVX-512), for tests of every path here.
   const int level = static_cast<int>(std::min<int64_t>(std::max<int64_t>(simd, 0), VectorLevel()));
-  // Chunks of at least 16k elements (64 KiB of each array): a small model's update stays on one thread.
-  jaxcnn::ParallelFor(pool, offsets[n], 16384, [&](int64_t begin, int64_t end) {
-    UpdateRange(leaves, offsets, begin, end, step, momentum, nest, level);
+  // Leaf by leaf: a leaf of at least kSplit elements per group is cut into `groups` equal spans (multiples of 16),
+  // span t in group t, the same rows the matmul's row-split filter gradient writes and its depth-split forward
+  // reads from the thread of group t (parallel_for.h); smaller leaves go whole to the group with least work. At
+  // least 16k elements (64 KiB of each array) per group: a small model's update stays on one thread.
+  constexpr int64_t kSplit = 4096, kGrain = 16384;
+  const int64_t groups = std::max<int64_t>(
+      1, std::min<int64_t>(jaxcnn::Participants(pool, std::numeric_limits<int64_t>::max()), offsets[n] / kGrain));
+  std::vector<std::vector<Span>> spans(groups);
+  std::vector<int64_t> work(groups, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t size = offsets[i + 1] - offsets[i];
+    if (groups > 1 && size >= groups * kSplit) {
+      for (int64_t t = 0; t < groups; ++t) {
+        const int64_t lo = t == 0 ? 0 : (t * size / groups) / 16 * 16;
+        const int64_t hi = t + 1 == groups ? size : ((t + 1) * size / groups) / 16 * 16;
+        spans[t].push_back(Span{i, lo, hi});
+        work[t] += hi - lo;
+      }
+    } else if (size > 0) {
+      const int64_t t = std::min_element(work.begin(), work.end()) - work.begin();
+      spans[t].push_back(Span{i, 0, size});
+      work[t] += size;
+    }
+  }
+  std::vector<Span> items;
+  std::vector<int64_t> group_offsets{0};
+  for (const auto& group : spans) {
+    items.insert(items.end(), group.begin(), group.end());
+    group_offsets.push_back(static_cast<int64_t>(items.size()));
+  }
+  jaxcnn::ParallelForGroups(pool, group_offsets, [&](int64_t item) {
+    const Span& span = items[item];
+    UpdateLeaf(leaves[span.leaf], span.begin, span.end, step, momentum, nest, level);
   });
   return ffi::Error::Success();
 }
