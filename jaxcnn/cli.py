@@ -1,4 +1,4 @@
-"""Command line: python -m jaxcnn train | sweep | report | summary | models.
+"""Command line: python -m jaxcnn train | sweep | sweep-run | report | summary | models.
 
     python -m jaxcnn train experiments/fashion_mnist_lenet5.py --set optim.lr=0.05 --workdir runs/lr005
     python -m jaxcnn sweep experiments/ablate_pooling.py --workdir runs/pooling
@@ -33,10 +33,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from jaxcnn.results.sweep import run_sweep
+    from jaxcnn.train.loop import train
 
     failed = run_sweep(args.experiment, overrides=args.set, workdir=args.workdir or _default_workdir(args.experiment),
-                       parallel_runs=args.parallel)
+                       parallel_runs=args.parallel, train_fn=train)
     return 1 if failed else 0
+
+
+def _cmd_sweep_run(args: argparse.Namespace) -> int:
+    from jaxcnn.results.sweep import run_prepared
+    from jaxcnn.train.loop import train
+
+    return run_prepared(args.run_dir, train)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -95,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(s)
     s.add_argument("--parallel", type=int, default=1, help="variants run at once (each on its own devices)")
     s.set_defaults(func=_cmd_sweep)
+
+    sr = sub.add_parser("sweep-run", help="train one run a sweep prepared (what --parallel starts for each run)")
+    sr.add_argument("run_dir", help="a run folder holding variant.json")
+    sr.set_defaults(func=_cmd_sweep_run)
 
     r = sub.add_parser("report", help="rebuild results.csv, results.md and plots from a sweep's finished runs")
     r.add_argument("workdir")

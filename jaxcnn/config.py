@@ -399,6 +399,28 @@ def flatten_config(cfg: Config) -> dict[str, Any]:
     return out
 
 
+# Config keys (prefixes) that do not change a run's result (its trained parameters and metrics): a resumed run may
+# change them freely, and a sweep does not call a finished run stale for them. parallel.*: the device count and
+# strategy change float summation order only (restoring onto another device count is supported);
+# data.source/data_dir: where the same data is read from; eval_batch_size: eval sums are exact over any batching;
+# transfer.init_from: a resumed state comes from the checkpoint, not from it.
+RESUME_IGNORED_KEYS: tuple[str, ...] = (
+    "name",
+    "train.progress",
+    "train.log_every_steps",
+    "train.steps_per_call",
+    "train.max_seconds_per_call",
+    "train.eval_every_epochs",
+    "train.check_finite",
+    "checkpoint.",
+    "parallel.",
+    "data.data_dir",
+    "data.source",
+    "data.eval_batch_size",
+    "transfer.init_from",
+)
+
+
 def diff_configs(a: Config, b: Config, ignore: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ: {key: (value in a, value in b)}; keys starting with an `ignore` prefix skipped."""
     fa, fb = flatten_config(a), flatten_config(b)

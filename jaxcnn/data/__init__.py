@@ -1,4 +1,8 @@
-"""Datasets (sources → ArrayDataset / RandomAccessSource), the input pipeline and augmentation."""
+"""Datasets (sources → ArrayDataset / RandomAccessSource), the input pipeline and augmentation.
+
+Imports run one way: `dataset` (types, what we know of each dataset) <- `sources` (readers, `load_split`);
+`dataset` <- `pipeline` <- `streaming`; `augment` stands alone.
+"""
 
 from jaxcnn.data.dataset import (
     DATASET_INFO,
@@ -8,6 +12,6 @@ from jaxcnn.data.dataset import (
     RandomAccessSource,
     dataset_info,
     list_datasets,
-    load_split,
 )
 from jaxcnn.data.pipeline import DeviceEpochLoader, DeviceEvalSet, epoch_permutation, eval_batches, train_val_split
+from jaxcnn.data.sources import load_split

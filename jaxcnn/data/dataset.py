@@ -1,17 +1,13 @@
-"""What a dataset is once loaded, what we know about each one, and `load_split`, the one way to get it.
+"""What a dataset is once loaded and what we know about each one: the types every reader returns.
 
-    train = load_split("fashion_mnist", "train")             # ArrayDataset: uint8 [60000, 28, 28, 1], int32 [60000]
-    train, val = train.split(5000)                           # carve a validation set off the end
-    imagenet = load_split("imagenet2012", "train", source="tfds")  # RandomAccessSource (decoded one at a time)
+    train = jaxcnn.data.load_split("fashion_mnist", "train")  # ArrayDataset: uint8 [60000, 28, 28, 1], int32 [60000]
+    train, val = train.split(5000)                            # carve a validation set off the end
+    info = dataset_info("fashion_mnist")                      # DatasetInfo: shape, classes, mean/std, splits
 
-Small datasets come back as an `ArrayDataset` held in host memory. Large ones (ImageNet, Imagenette) come back
-as a `RandomAccessSource` that the streaming loader reads example by example.
-
-`source='auto'` reads the official archive files when they are found locally (fast, no TensorFlow), else a
-prepared TFDS build, else raises `DatasetNotFoundError` listing every folder searched and every way to get
-the data. The readers live in `jaxcnn.data.sources`.
+Small datasets come back from `jaxcnn.data.load_split` as an `ArrayDataset` held in host memory. Large ones
+(ImageNet, Imagenette) come back as a `RandomAccessSource` that the streaming loader reads example by example.
+The readers (`jaxcnn.data.sources`) import this module; it imports none of them.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -201,58 +197,8 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASET_INFO[name]
 
 
-def _check_split(name: str, split: str) -> None:
+def check_split(name: str, split: str) -> None:
+    """A ValueError naming the dataset's splits unless `split` is one of them."""
     splits = dataset_info(name).splits
     if split not in splits:
         raise ValueError(f"dataset {name!r} has no split {split!r}; its splits are: {', '.join(splits)}")
-
-
-def load_split(
-    name: str,
-    split: str = "train",
-    *,
-    data_dir: str | None = None,
-    source: Source = "auto",
-    limit: int | None = None,
-) -> ArrayDataset | RandomAccessSource:
-    """Loads one split of a dataset.
-
-    name: one of list_datasets(); split: e.g. 'train' / 'test' (DATASET_INFO[name].splits).
-    data_dir: a folder with the official files (or a TFDS data_dir); None searches the default places.
-    source: 'archive' reads the official files (IDX .gz, CIFAR tarballs, SVHN .mat); 'tfds' reads a TFDS
-      build (preparing it if needed); 'auto' reads the files if found, else an existing TFDS build.
-    limit: keep only the first `limit` examples.
-    Returns an ArrayDataset (uint8 [N, H, W, C], int32 [N]), or a RandomAccessSource for large datasets.
-    Raises DatasetNotFoundError (one message naming the folders searched and every way to get the data).
-    """
-    _check_split(name, split)
-    if source not in ("auto", "archive", "tfds"):
-        raise ValueError(f"source={source!r}: choose one of 'auto', 'archive', 'tfds'")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit={limit}: expected None or a number of examples >= 0")
-    # Deferred: the readers import this module.
-    from jaxcnn.data import sources
-
-    info = DATASET_INFO[name]
-    if source == "tfds" or (info.large and source == "auto"):
-        return sources.tfds_source.load(name, split, data_dir=data_dir, limit=limit, prepare_missing=source == "tfds")
-    try:
-        images, labels = sources.read_archive(name, split, data_dir=data_dir)
-    except DatasetNotFoundError as archive_error:
-        if source == "archive":
-            raise
-        try:
-            return sources.tfds_source.load(name, split, data_dir=data_dir, limit=limit, prepare_missing=False)
-        except DatasetNotFoundError as tfds_error:
-            raise DatasetNotFoundError(
-                name,
-                split,
-                archive_error.findings + tfds_error.findings,
-                sources.ways_to_get(name),
-            ) from None
-    dataset = ArrayDataset(images, labels, info.num_classes, f"{name}/{split}")
-    if limit is None or limit >= len(dataset):
-        return dataset
-    # Copies, so that the whole split is not kept alive behind a small view.
-    small = dataset.take(limit)
-    return dataclasses.replace(small, images=small.images.copy(), labels=small.labels.copy())

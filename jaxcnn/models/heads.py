@@ -1,4 +1,4 @@
-"""The classifier head every model in the zoo ends with: feature map -> pooled features -> hidden dense layers -> logits.
+"""The classifier head every model in the zoo ends with: feature map -> pooled features -> hidden layers -> logits.
 
     head = ClassifierHead(10, pool="flatten", pool_size=7, hidden=(4096, 4096), dropout=0.5, name="head")
     features, logits = head(x, train)          # x: [N, H, W, C] (or [N, D]); features['pre_logits']: [N, D']

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from jaxcnn.config import (
+    RESUME_IGNORED_KEYS,
     Config,
     ConfigError,
     apply_overrides,
@@ -251,9 +252,7 @@ def is_finished(run_dir: Path) -> bool:
 
 def finished_config_changes(run_dir: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
     """Keys whose value in a finished run's config.json differs from `cfg` ({key: (then, now)}), leaving out the
-    keys that do not change a run's result (the ones a resume may change, jaxcnn.train.checkpoint)."""
-    from jaxcnn.train.checkpoint import RESUME_IGNORED_KEYS
-
+    keys that do not change a run's result (`jaxcnn.config.RESUME_IGNORED_KEYS`: the ones a resume may change)."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -315,16 +314,13 @@ def record_failure(run_dir: Path, error: str, details: str) -> None:
     _write_status(run_dir, "failed", error=error)
 
 
-def run_one(cfg: Config, run_dir: str | Path, train_fn: TrainFn | None = None) -> bool:
+def run_one(cfg: Config, run_dir: str | Path, train_fn: TrainFn) -> bool:
     """Trains `cfg` in `run_dir` (resuming from its checkpoint), recording the outcome; True if it finished.
 
     An exception is recorded (status.json + error.txt) and not raised, so the sweep goes on; an interruption
     (Ctrl-C, SIGTERM) is recorded as 'interrupted' and raised, so the sweep stops and can be rerun.
-    `train_fn(cfg, run_dir) -> summary` defaults to jaxcnn.train.loop.train.
+    `train_fn(cfg, run_dir) -> summary` trains (the CLI passes `jaxcnn.train.loop.train`).
     """
-    if train_fn is None:
-        from jaxcnn.train.loop import train as train_fn  # importing jax takes seconds: only when a run starts
-
     run_dir = Path(run_dir)
     (run_dir / "error.txt").unlink(missing_ok=True)
     _write_status(run_dir, "running", pid=os.getpid())
@@ -340,19 +336,17 @@ def run_one(cfg: Config, run_dir: str | Path, train_fn: TrainFn | None = None) -
     return True
 
 
-def _child_main(argv: Sequence[str]) -> int:
-    """`python -m jaxcnn.results.sweep RUN_DIR`: trains the run described by RUN_DIR/variant.json."""
-    if len(argv) != 1:
-        print("usage: python -m jaxcnn.results.sweep RUN_DIR (a run folder with variant.json)", file=sys.stderr)
-        return 2
-    run_dir = Path(argv[0])
+def run_prepared(run_dir: str | Path, train_fn: TrainFn) -> int:
+    """Trains the run described by RUN_DIR/variant.json (what a parallel sweep's child process does, through
+    `python -m jaxcnn sweep-run RUN_DIR`); 0 if it finished, 1 if it failed (recorded in the run folder)."""
+    run_dir = Path(run_dir)
     spec = json.loads((run_dir / "variant.json").read_text())
     try:
         cfg = config_from_dict(spec["config"])
     except ConfigError as e:
         record_failure(run_dir, f"ConfigError: {e}", traceback.format_exc())
         return 1
-    return 0 if run_one(cfg, run_dir) else 1
+    return 0 if run_one(cfg, run_dir, train_fn) else 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -490,13 +484,15 @@ def run_progress(run_dir: Path, cfg: Config) -> str:
 
 
 def run_sweep(experiment_path: str | Path, overrides: Sequence[str] = (), workdir: str | Path = "runs/sweep",
-              parallel_runs: int = 1, report: bool = True, train_fn: TrainFn | None = None) -> list[str]:
+              parallel_runs: int = 1, report: bool = True, *, train_fn: TrainFn) -> list[str]:
     """Runs every run of the experiment's sweep under `workdir`; returns the failed ones ('<variant>/seed=<k>').
 
     Finished runs (summary.json present) are skipped, interrupted ones resume from their checkpoints, failed
     ones are retried. With parallel_runs > 1, that many runs go at once in subprocesses pinned to separate
     devices. At the end (also after an interruption) results.csv, results.md and the plots are rebuilt.
-    `train_fn` replaces jaxcnn.train.loop.train for runs in this process (parallel runs always use the real one).
+    `train_fn(cfg, run_dir) -> summary` trains the runs in this process (the CLI passes `jaxcnn.train.loop.train`);
+    parallel runs train in child processes, `python -m jaxcnn sweep-run RUN_DIR`, which use
+    `jaxcnn.train.loop.train`.
     """
     workdir = Path(workdir)
     overrides = list(overrides)
@@ -540,7 +536,7 @@ def run_sweep(experiment_path: str | Path, overrides: Sequence[str] = (), workdi
 
 
 def _run_sequential(todo: list[tuple[Run, Config]], workdir: Path, progress: SweepProgress,
-                    failed: list[str], train_fn: TrainFn | None = None) -> None:
+                    failed: list[str], train_fn: TrainFn) -> None:
     for run, cfg in todo:
         run_dir = workdir / run.relpath
         _say(f"{progress.line()} — starting {run.relpath}")
@@ -581,7 +577,7 @@ def _run_parallel(todo: list[tuple[Run, Config]], workdir: Path, progress: Sweep
                 log = open(run_dir / "log.txt", "a")
                 log.write(f"==== {_now()} {run.relpath} on slot {slot}\n")
                 log.flush()
-                proc = subprocess.Popen([sys.executable, "-m", "jaxcnn.results.sweep", str(run_dir)],
+                proc = subprocess.Popen([sys.executable, "-m", "jaxcnn", "sweep-run", str(run_dir)],
                                         env=envs[slot], stdout=log, stderr=subprocess.STDOUT)
                 active[slot] = (proc, run, cfg, time.perf_counter(), log)
                 _say(f"{progress.line(_elapsed(active))} — started {run.relpath} (slot {slot})")
@@ -627,7 +623,3 @@ def _run_parallel(todo: list[tuple[Run, Config]], workdir: Path, progress: Sweep
 def _elapsed(active: Mapping[int, tuple]) -> list[float]:
     now = time.perf_counter()
     return [now - entry[3] for entry in active.values()]
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))

@@ -67,6 +67,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcnn.config import (
+    RESUME_IGNORED_KEYS,
     Config,
     ConfigError,
     config_from_dict,
@@ -79,25 +80,6 @@ STATE_ITEM = "state"
 META_ITEM = "meta"
 FORMAT_VERSION = 1
 _TMP_STEP_DIR = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
-
-# Config keys (prefixes) that do not change the trained parameters: a resume may change them freely.
-# parallel.*: the device count and strategy change float summation order only (restoring onto another device
-# count is supported); data.source/data_dir: where the same data is read from; eval_batch_size: eval sums are
-# exact over any batching; transfer.init_from: a resumed state comes from the checkpoint, not from it.
-RESUME_IGNORED_KEYS: tuple[str, ...] = (
-    "name",
-    "train.progress",
-    "train.log_every_steps",
-    "train.steps_per_call",
-    "train.eval_every_epochs",
-    "train.check_finite",
-    "checkpoint.",
-    "parallel.",
-    "data.data_dir",
-    "data.source",
-    "data.eval_batch_size",
-    "transfer.init_from",
-)
 
 
 class WorkdirError(RuntimeError):

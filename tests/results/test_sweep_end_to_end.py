@@ -9,6 +9,7 @@ from PIL import Image
 
 from jaxcnn import cli
 from jaxcnn.results.sweep import run_sweep
+from jaxcnn.train.loop import train
 
 EXPERIMENT = textwrap.dedent('''
     """Tiny LeNet-5 pooling sweep on 512 MNIST images."""
@@ -48,7 +49,7 @@ def _png_ok(path):
 def test_tiny_sweep_trains_every_run_skips_them_on_rerun_and_reports(tmp_path, mnist_dir):
     experiment = _write_experiment(tmp_path, mnist_dir, ["max", "avg"])
     workdir = tmp_path / "runs"
-    assert run_sweep(experiment, workdir=workdir) == []
+    assert run_sweep(experiment, workdir=workdir, train_fn=train) == []
     dirs = ["model.pool=max/seed=0", "model.pool=max/seed=1", "model.pool=avg/seed=0", "model.pool=avg/seed=1"]
     summaries = {}
     for d in dirs:
@@ -86,7 +87,7 @@ def test_tiny_sweep_trains_every_run_skips_them_on_rerun_and_reports(tmp_path, m
     # A run killed after its last checkpoint but before its summary is resumed through the normal train path
     # (from the checkpoint at step 6: nothing left to train), the others stay as they are.
     (workdir / dirs[2] / "summary.json").unlink()
-    assert run_sweep(experiment, workdir=workdir, report=False) == []
+    assert run_sweep(experiment, workdir=workdir, report=False, train_fn=train) == []
     resumed = json.loads((workdir / dirs[2] / "summary.json").read_text())
     assert resumed["resumed_from_step"] == 6 and resumed["steps"] == 6
     assert resumed["test_accuracy"] == pytest.approx(summaries[dirs[2]]["test_accuracy"])
@@ -99,7 +100,7 @@ def test_tiny_sweep_trains_every_run_skips_them_on_rerun_and_reports(tmp_path, m
 def test_parallel_sweep_runs_each_seed_in_its_own_single_device_process(tmp_path, mnist_dir):
     experiment = _write_experiment(tmp_path, mnist_dir, ["max"])
     workdir = tmp_path / "runs"
-    assert run_sweep(experiment, workdir=workdir, parallel_runs=2, report=False) == []
+    assert run_sweep(experiment, workdir=workdir, parallel_runs=2, report=False, train_fn=train) == []
     pids = set()
     for seed in (0, 1):
         run = workdir / f"model.pool=max/seed={seed}"

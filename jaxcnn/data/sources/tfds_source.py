@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxcnn.data.dataset import DATASET_INFO, ArrayDataset, DatasetNotFoundError
 from jaxcnn.data.sources import cifar, idx, svhn
+from jaxcnn.data.sources.archives import ARCHIVE_READERS
 from jaxcnn.data.sources.locate import common_remedies, search_dirs
 
 TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped", "imagenet2012", "imagenette")
@@ -235,10 +236,8 @@ def ways_to_get(name: str) -> list[str]:
     """Every way to get `name` (the remedies of DatasetNotFoundError): the archive reader's ways for the
     datasets that have one, else the TFDS ways."""
     _check_name(name)
-    from jaxcnn.data import sources  # deferred: jaxcnn.data.sources imports this module
-
-    if name in sources.ARCHIVE_READERS:
-        return sources.ways_to_get(name)
+    if name in ARCHIVE_READERS:
+        return ARCHIVE_READERS[name].ways_to_get(name)
     if name == "imagenet2012":
         return [
             "ImageNet cannot be downloaded automatically: get ILSVRC2012_img_train.tar and "
