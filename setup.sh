@@ -2,13 +2,15 @@
 # Sets up jaxcnn on a fresh machine: Debian's Fashion-MNIST package (when missing and apt is usable) and the Python
 # packages (editable install). Idempotent: a second run only checks.
 #   ./setup.sh            the package and what training needs
-#   ./setup.sh --tests    also pytest, hypothesis, chex and TensorFlow (TFDS dataset preparation, used by tests)
+#   ./setup.sh --tests    also pytest, hypothesis, chex, TensorFlow (TFDS dataset preparation, used by tests),
+#                         safetensors and huggingface_hub, and PyTorch, torchvision and timm (the references of
+#                         tests/pretrained) where PyTorch has a wheel for this Python
 # PYTHON=/path/to/python ./setup.sh   uses another interpreter (Python 3.11 gives jax 0.10, 3.12 gives jax 0.12).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
 extras=""
-if [ "${1:-}" = "--tests" ]; then extras="[test,tf]"; fi
+if [ "${1:-}" = "--tests" ]; then extras="[test,tf,pretrained]"; fi
 
 # apt_install PKG...: Debian packages, as root or with sudo; returns 1 when apt is not usable here.
 apt_install() {
@@ -45,5 +47,18 @@ if ! "$PYTHON" -c "import jaxcnn, jax, flax, optax, orbax.checkpoint, tensorflow
    || [ -n "$extras" ]; then
   echo "setup: pip install -e .$extras with $("$PYTHON" --version 2>&1)"
   "$PYTHON" -m pip install -q --disable-pip-version-check -e ".$extras" 2>&1 | grep -v -E "^WARNING: (Running pip as|Location)" || true
+fi
+
+# tests/pretrained's references: PyTorch 2.13 (the CPU build), then torchvision and timm without their dependencies
+# (torchvision's would replace it with the CUDA build). Where PyTorch has no wheel for this Python, those tests skip.
+if [ -n "$extras" ]; then
+  if "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[pretrained-test]" >/tmp/jaxcnn-setup-torch.log 2>&1 \
+     && "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps torchvision==0.28.0 timm==1.0.31 \
+        >>/tmp/jaxcnn-setup-torch.log 2>&1; then
+    echo "setup: PyTorch $("$PYTHON" -c 'import torch; print(torch.__version__)'), torchvision 0.28.0, timm 1.0.31 (tests/pretrained)"
+  else
+    echo "setup: PyTorch 2.13.0 / torchvision / timm could not be installed for $("$PYTHON" --version 2>&1) (see" \
+         "/tmp/jaxcnn-setup-torch.log): the tests comparing with them will skip" >&2
+  fi
 fi
 "$PYTHON" -c "import jax, flax; print(f'setup: ready (jax {jax.__version__}, flax {flax.__version__})')"

@@ -1,10 +1,11 @@
-"""Command line: python -m jaxcnn train | sweep | sweep-run | report | summary | models.
+"""Command line: python -m jaxcnn train | sweep | sweep-run | report | summary | models | predict.
 
     python -m jaxcnn train experiments/fashion_mnist_lenet5.py --set optim.lr=0.05 --workdir runs/lr005
     python -m jaxcnn sweep experiments/ablate_pooling.py --workdir runs/pooling
     python -m jaxcnn report runs/pooling
     python -m jaxcnn summary resnet20 --input 32,32,3
     python -m jaxcnn models 'resnet*'
+    python -m jaxcnn predict --weights hf-hub:timm/resnet50.a1_in1k cat.jpg
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from jaxcnn.pretrained.predict import format_predictions, predict
+
+    top = predict(args.weights, args.images, k=args.top, resize=args.resize, crop=args.crop,
+                  interpolation=args.interpolation)
+    print(format_predictions(args.images, top))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxcnn", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -122,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("models", help="list registered model names")
     ls.add_argument("pattern", nargs="?", default=None, help="fnmatch pattern, e.g. 'resnet*'")
     ls.set_defaults(func=_cmd_models)
+
+    pr = sub.add_parser("predict", help="top-5 ImageNet classes of images with pretrained weights (docs/pretrained.md)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    pr.add_argument("--weights", required=True, metavar="SPEC",
+                    help="torchvision:ARCH=PATH, timm:ARCH=PATH or hf-hub:REPO, e.g. hf-hub:timm/resnet50.a1_in1k")
+    pr.add_argument("--top", type=int, default=5, help="classes shown per image (default 5)")
+    pr.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop (default 256)")
+    pr.add_argument("--crop", type=int, default=224, help="centre crop size (default 224)")
+    pr.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "nearest"))
+    pr.set_defaults(func=_cmd_predict)
     return p
 
 

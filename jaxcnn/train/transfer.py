@@ -1,6 +1,7 @@
 """Transfer learning: start from another run's parameters (matched by name), freeze some by pattern, unfreeze later.
 
     variables, report = load_pretrained(fresh_variables, "runs/mnist")   # a run workdir, checkpoint folder or .msgpack
+    variables, report = load_pretrained(fresh_variables, "torchvision:resnet18=/path/resnet18.pth")  # PyTorch weights
     print(report.describe())                                              # loaded / re-initialised / ignored
     tx = apply_freeze(tx, variables["params"], cfg.transfer, steps_per_epoch)
     opts = StepOptions(..., freeze_stats=stats_freezer(variables, cfg.transfer, steps_per_epoch))
@@ -39,6 +40,7 @@ import numpy as np
 import optax
 
 from jaxcnn.config import ConfigError, TransferConfig
+from jaxcnn.pretrained import is_weights_spec, read_weights
 from jaxcnn.train import checkpoint as ckpt_lib
 from jaxcnn.train.state import TrainState, leaf_names
 
@@ -59,11 +61,16 @@ def _checkpoint_folder(path: Path) -> Path:
 
 def read_pretrained(init_from: str | Path) -> tuple[dict[str, Any], str]:
     """({'params': ..., 'batch_stats': ...} as numpy, a description of the source) from a run workdir, a checkpoints
-    folder, one step folder (`.../checkpoints/<step>`), or an exported `.msgpack` file.
+    folder, one step folder (`.../checkpoints/<step>`), an exported `.msgpack` file, or PyTorch weights named by a
+    spec: `torchvision:resnet50=/path/file.pth`, `timm:resnet50=/path/model.safetensors`,
+    `hf-hub:timm/resnet50.a1_in1k` (see `jaxcnn.pretrained`).
 
     From a run or checkpoints folder the newest good step is used (damaged steps are skipped with a warning, and
     left where they are: this reads another run's files, it does not change them).
     """
+    if is_weights_spec(str(init_from)):
+        variables, spec, _ = read_weights(str(init_from))
+        return variables, f"{spec} (PyTorch weights of {spec.arch})"
     path = Path(init_from)
     if path.is_file():
         try:
