@@ -35,7 +35,7 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
   fi
 fi
 
-# jaxcnn.nn.onednn compiles its CPU convolution kernels (oneDNN through XLA FFI) on first use: g++ and oneDNN.
+# jaxcnn.backends.cpu compiles its CPU kernels (oneDNN through XLA FFI) on first use: g++ and oneDNN.
 if ! command -v g++ >/dev/null 2>&1 || [ ! -f /usr/include/oneapi/dnnl/dnnl.hpp ]; then
   echo "setup: installing g++ and Debian's libdnnl-dev (oneDNN, for the fast CPU convolutions)"
   if ! apt_install g++ libdnnl-dev; then

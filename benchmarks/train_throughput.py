@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32, help="input size for registry names / ImageNet nets")
     args = parser.parse_args(argv)
 
-    from jaxcnn.train.xla_flags import configure_xla_cpu
+    from jaxcnn.backends import configure_process
 
-    configure_xla_cpu()  # what `jaxcnn train` does before JAX starts its backend
+    configure_process()  # what `jaxcnn train` does before JAX starts its backend
     trainer = make_jax_trainer(args.model, args.batch, dtype=args.dtype, image_size=args.image_size)
     print(machine_line())
     print(f"{args.model}: {trainer.params:,} parameters, batch {args.batch}, {args.dtype}; "

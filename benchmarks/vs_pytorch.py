@@ -24,7 +24,7 @@ Python without a PyTorch wheel (3.12 here: jax 0.12) still meets PyTorch in the 
     /root/.pyenv/versions/3.12.1/bin/python benchmarks/vs_pytorch.py --torch-python python3.11
 
 Both sides run with glibc's default malloc settings, as each library runs for its users. `--torch-malloc`
-chooses: 'default' (glibc's defaults), 'jaxcnn' (jaxcnn.train.host_malloc's opt-in settings applied in
+chooses: 'default' (glibc's defaults), 'jaxcnn' (jaxcnn.backends.configure_process's opt-in settings applied in
 PyTorch's process, before it imports torch; they speed up PyTorch's larger nets too), or 'both' (two PyTorch
 processes, both timed in every round; the ratio is against 'default', and the 'jaxcnn' figure is printed
 beside it).
@@ -135,10 +135,10 @@ def _torch_worker(spec: dict[str, Any]) -> int:
 
     try:
         if spec.pop("malloc") == "jaxcnn":
-            from jaxcnn.train.host_malloc import ENV_SWITCH, configure_host_malloc
+            from jaxcnn.backends import configure_process
 
-            os.environ[ENV_SWITCH] = "1"
-            configure_host_malloc()  # before torch starts its threads
+            os.environ["JAXCNN_HOST_MALLOC"] = "1"
+            configure_process()  # jaxcnn's host malloc settings, before torch starts its threads
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
@@ -159,7 +159,7 @@ def _torch_worker(spec: dict[str, Any]) -> int:
 class TorchProcess:
     """A TorchTrainer in a child process (its own malloc settings, see the module docstring; its own interpreter
     with `python`, default this one); `run(n)` waits for n steps there. malloc: 'default' (glibc's) or 'jaxcnn'
-    (jaxcnn.train.host_malloc's)."""
+    (jaxcnn.backends.configure_process's)."""
 
     def __init__(self, name: str, batch_size: int, *, channels_last: bool = False, malloc: str = "default",
                  python: str | None = None, **options: Any) -> None:
@@ -309,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         if name not in DEFAULT_STEPS:
             parser.error(f"--models: unknown model {name!r}; choose from {', '.join(DEFAULT_STEPS)}")
 
-    from jaxcnn.train.xla_flags import configure_xla_cpu
+    from jaxcnn.backends import configure_process
 
-    configure_xla_cpu()  # XLA flags, as `jaxcnn train` sets them
+    configure_process()  # XLA flags, as `jaxcnn train` sets them
     import jax
 
     missing = "--no-torch given" if args.no_torch else torch_available(args.torch_python)

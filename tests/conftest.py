@@ -6,9 +6,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from jaxcnn.train.xla_flags import configure_xla_cpu  # noqa: E402
+from jaxcnn.backends import configure_process  # noqa: E402
 
-configure_xla_cpu()  # the same XLA CPU flags `jaxcnn train` sets, before any test starts JAX's backend
+configure_process()  # the same XLA CPU flags `jaxcnn train` sets, before any test starts JAX's backend
 
 from pathlib import Path  # noqa: E402
 

@@ -37,9 +37,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcnn import backends
 from jaxcnn.analysis.receptive_field import receptive_field_of_layers
 from jaxcnn.nn import functional as F
-from jaxcnn.nn import layers, onednn
+from jaxcnn.nn import layers
 
 Pair = tuple[int, int]
 
@@ -183,7 +184,7 @@ def flops_from_cost_analysis(analysis: Any) -> float | None:
 def _xla_flops(forward: Any, *abstract_args: Any) -> float | None:
     """XLA's FLOP count of `forward` compiled (not run) for the given abstract arguments."""
     try:
-        with onednn.xla_convolutions():  # XLA's cost analysis counts nothing inside oneDNN's custom calls
+        with backends.xla_kernels():  # XLA's cost analysis counts nothing inside the backend's native kernels
             analysis = jax.jit(forward).lower(*abstract_args).compile().cost_analysis()
     except Exception:  # noqa: BLE001  (a backend without cost analysis: the table is still useful without it)
         return None

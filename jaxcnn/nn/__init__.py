@@ -1,8 +1,10 @@
-"""Layers for CNNs: `functional` (the conv/pool primitives), `layers` (flax modules), `filters` (fixed filters)."""
+"""Layers for CNNs: `functional` (convolution, pooling, batch norm as functions), `layers` (flax modules),
+`blocks` (conv-norm-act, residual, Inception, NiN), `filters` (fixed filters)."""
 
 from jaxcnn.nn import filters, functional
 from jaxcnn.nn.functional import (
     avg_pool,
+    batch_norm,
     conv2d,
     conv_output_size,
     global_avg_pool,
@@ -17,6 +19,7 @@ from jaxcnn.nn.layers import (
     NORMS,
     POOL_KINDS,
     Act,
+    BatchNorm,
     Conv2d,
     Dense,
     Dropout,
@@ -36,6 +39,7 @@ __all__ = [
     "NORMS",
     "POOL_KINDS",
     "Act",
+    "BatchNorm",
     "Conv2d",
     "Dense",
     "Dropout",
@@ -48,6 +52,7 @@ __all__ = [
     "PoolKind",
     "activation",
     "avg_pool",
+    "batch_norm",
     "conv2d",
     "conv_output_size",
     "filters",

@@ -1,7 +1,8 @@
 """The convolution and pooling primitives: pure functions on NHWC arrays, kernels HWIO.
 
-Every convolution in jaxcnn goes through `conv2d` (layers, fixed filters, models), so a faster implementation
-only has to replace that one function.
+Every convolution in jaxcnn goes through `conv2d` (layers, fixed filters, models), and every max pool through
+`max_pool`. Each validates its arguments, works out the geometry and calls the `lax` operation through
+`jaxcnn.backends`, which gives the same values and may run them faster; see docs/architecture.md.
 
 Padding is given the same way everywhere (convolution and pooling):
 
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn.nn import fast_conv, fast_pool
+from jaxcnn import backends
 
 PaddingMode = Literal["valid", "same", "full"]
 # One axis: a mode, an int for both sides, or (lo, hi).
@@ -246,8 +247,10 @@ def conv2d(
     strides_hw, dilation_hw = _pair(strides, "strides"), _pair(dilation, "dilation")
     pads = resolve_padding(padding, (kh, kw), dilation_hw, strides=strides_hw, input_size=tuple(x.shape[1:3]))
     _window_output_hw(x.shape, (kh, kw), strides_hw, pads, dilation_hw, f"conv kernel {kh}x{kw}")
-    # Same mathematics as lax.conv_general_dilated, with gradients XLA's CPU backend runs faster (fast_conv.py).
-    return fast_conv.conv2d(x, kernel, strides=strides_hw, padding=pads, dilation=dilation_hw, groups=groups)
+    return backends.conv_general_dilated(
+        x, kernel, window_strides=strides_hw, padding=pads, rhs_dilation=dilation_hw,
+        dimension_numbers=_CONV_DIMENSION_NUMBERS, feature_group_count=groups,
+    )
 
 
 def true_conv2d(
@@ -312,13 +315,7 @@ def max_pool(
     Padded cells hold -inf (the lowest value for integer inputs), so they never win.
     """
     window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "max")
-    if fast_pool.tiles(window_hw, strides_hw, pads):  # same result, a faster gradient on CPU (fast_pool.py)
-        return fast_pool.max_pool_tiled(x, window_hw)
-    if jnp.issubdtype(x.dtype, jnp.floating):
-        init = np.array(-np.inf, x.dtype)  # a concrete scalar: lax picks the differentiable max reducer
-    else:
-        init = np.array(np.iinfo(x.dtype).min, x.dtype)
-    return _reduce_window(x, init, lax.max, window_hw, strides_hw, pads)
+    return backends.max_pool(x, window_hw, strides_hw, pads)  # lax.reduce_window(x, -inf, lax.max, ...)
 
 
 def avg_pool(
@@ -374,10 +371,54 @@ def global_max_pool(x: jax.Array) -> jax.Array:
     return jnp.max(x, axis=(1, 2))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    *,
+    mean: jax.Array | None = None,
+    var: jax.Array | None = None,
+    epsilon: float = 1e-5,
+    relu: bool = False,
+    pool_follows: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Batch normalisation per channel (the last axis): ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``.
+
+    x: ``[N, ..., C]``; scale, bias: ``[C]``. Without ``mean`` and ``var`` (training) the statistics are the
+    batch's, over every axis but the last: the mean and the biased variance ``mean((x - mean)**2)``, in float32.
+    With them (evaluation: the running statistics) those are used. ``relu=True`` returns ``relu(y)``.
+    ``pool_follows`` changes no values (see `jaxcnn.nn.make_norm`).
+
+    Returns ``(y [N, ..., C] float32, mean [C], var [C])``: the output and the statistics it was normalised with
+    (`jaxcnn.nn.BatchNorm` moves its running statistics towards them).
+    """
+    if getattr(x, "ndim", 0) < 2:
+        raise ValueError(f"batch_norm: expected x of shape [N, ..., C], got {tuple(jnp.shape(x))}")
+    c = x.shape[-1]
+    for name, value in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var)):
+        if value is not None and tuple(jnp.shape(value)) != (c,):
+            raise ValueError(f"batch_norm: {name} must have shape ({c},) for x of shape {tuple(x.shape)}, "
+                             f"got {tuple(jnp.shape(value))}")
+    if (mean is None) != (var is None):
+        raise ValueError("batch_norm: give both mean and var (evaluation) or neither (batch statistics)")
+    if mean is None:
+        return backends.batch_norm(x, scale, bias, epsilon=epsilon, relu=relu, pool_follows=pool_follows)
+    mean, var = jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)
+    y = (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + epsilon) * scale.astype(jnp.float32))
+    y = y + bias.astype(jnp.float32)
+    return (jax.nn.relu(y) if relu else y), mean, var
+
+
 __all__ = [
     "PADDING_MODES",
     "Padding",
     "avg_pool",
+    "batch_norm",
     "conv2d",
     "conv_output_size",
     "effective_kernel_size",

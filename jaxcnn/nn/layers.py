@@ -1,7 +1,7 @@
 """Flax Linen layers for CNNs: convolution, pooling, normalisation as a choice, activations by name.
 
 All layers take and return NHWC arrays (``x: [N, H, W, C]``). Every convolution goes through
-`jaxcnn.nn.functional.conv2d`. Parameter names follow flax (``kernel``, ``bias``, ``scale``; batch statistics
+`jaxcnn.nn.functional.conv2d`; the backend may run the layers faster, with the same values (docs/architecture.md). Parameter names follow flax (``kernel``, ``bias``, ``scale``; batch statistics
 ``mean``/``var`` in the ``batch_stats`` collection), so parameter counts match flax's and torchvision's models.
 """
 
@@ -16,22 +16,20 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from jaxcnn.nn import fast_dense, fast_norm
+from jaxcnn import backends
 from jaxcnn.nn import functional as F
-from jaxcnn.nn.reductions import add_bias
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
-# Re-exports: the dense layer and dropout are flax's own.
 class Dense(nn.Dense):
-    """flax's ``nn.Dense`` (the same parameters, names and values) whose product runs through
-    `fast_dense.dot_general`: oneDNN's sgemm for float32 on the CPU, XLA's dot otherwise.
-    x: ``[..., K]`` -> ``[..., features]``."""
+    """flax's ``nn.Dense`` (the same parameters, names and values) with its product through the backend's
+    `dot_general`. x: ``[..., K]`` -> ``[..., features]``."""
 
-    dot_general: Any = fast_dense.dot_general
+    dot_general: Any = backends.dot_general
 
-Dropout = nn.Dropout
+
+Dropout = nn.Dropout  # flax's own
 
 # He et al. (2015) scaling, fan-in, truncated normal: keeps activation variance through ReLU layers. (torchvision
 # ResNets use fan-out normal; the difference does not matter at these depths, and fan-in is what flax examples use.)
@@ -115,7 +113,7 @@ class Conv2d(nn.Module):
         except ValueError as error:
             raise ValueError(f"{label}: {error}") from None
         if bias is not None:
-            y = add_bias(y, bias)  # y + bias; its gradient is a vectorised per-channel sum (nn/reductions.py)
+            y = backends.add_bias(y, bias)  # y + bias
         return y
 
 
@@ -189,6 +187,51 @@ def _scale_and_shift(module: nn.Module, y: jax.Array, x: jax.Array) -> jax.Array
     y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     out_dtype = module.dtype if module.dtype is not None else jnp.promote_types(x.dtype, module.param_dtype)
     return y.astype(out_dtype)
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation (Ioffe & Szegedy, 2015) per channel over ``(N, H, W)``, x: ``[N, ..., C]``.
+
+    In training (``use_running_average=False``) the layer normalises with the batch's mean and (biased, two-pass)
+    variance and moves the running statistics: ``running = momentum * running + (1 - momentum) * batch``
+    (PyTorch's momentum 0.1 is 0.9 here); in evaluation it normalises with the running statistics. Then
+    ``y * scale + bias`` per channel. Fields and variables mean what they mean for flax's ``nn.BatchNorm``
+    (``use_fast_variance=False``, ``force_float32_reductions=True``): ``params: scale, bias``, ``batch_stats: mean,
+    var``; ``dtype`` is the output dtype (None: promote the input and parameter dtypes); statistics are float32.
+    ``relu=True`` makes the layer ``relu(BatchNorm(x))`` (conv-BN-ReLU's last two steps, which the backend may run
+    as one kernel). ``pool_follows=True`` says a pooling layer comes next (it changes no values; see `make_norm`).
+    For averaging the statistics over a pmap / shard_map axis use `make_norm` with ``axis_name``.
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
+    relu: bool = False
+    pool_follows: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+        if self.use_running_average:
+            y, _, _ = F.batch_norm(x, scale, bias, mean=ra_mean.value, var=ra_var.value, epsilon=self.epsilon,
+                                   relu=self.relu)
+        else:
+            y, mean, var = F.batch_norm(x, scale, bias, epsilon=self.epsilon, relu=self.relu,
+                                        pool_follows=self.pool_follows)
+            if not self.is_initializing():
+                mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        out_dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
+        return y.astype(out_dtype)
 
 
 class GhostBatchNorm(nn.Module):
@@ -318,24 +361,23 @@ def make_norm(
 
     ``activation`` (e.g. ``jax.nn.relu``) is applied to the norm's output: ``make_norm(..., activation=act)(x)``
     is ``act(make_norm(...)(x))`` with the same variables. Blocks pass it so that norm-then-ReLU runs as one fused
-    kernel where there is one (`fast_norm.BatchNorm` with ``relu=True``, on the CPU). ``pool_follows=True`` says a
-    pooling layer that XLA runs comes next (average, L2, overlapping or padded max pools), whose XLA fusion with
-    the normalisation and the activation beats oneDNN's fused kernel (`fast_norm.BatchNorm` with
-    ``use_onednn=False``); it changes no values. Max pools of non-overlapping windows run in jaxcnn's own kernel
-    (`fast_pool`), which no fusion reaches: before them oneDNN's kernel is faster (VGG-11 239 against 233, the
-    fast Fashion-MNIST recipe's net 8.3k against 7.9k images/s), so do not pass it there.
+    kernel where the backend has one (`BatchNorm` with ``relu=True``). ``pool_follows=True`` says a pooling layer
+    that XLA runs comes next (average, L2, overlapping or padded max pools): the backend then leaves the
+    normalisation and the activation to XLA, which fuses them with the pool. It changes no values. Max pools of
+    non-overlapping windows run in the backend's own kernel, which no fusion reaches, so do not pass it there
+    (docs/architecture.md).
     """
     norm = _make_norm(kind, train=train, momentum=momentum, epsilon=epsilon, axis_name=axis_name,
                       virtual_batch_size=virtual_batch_size, num_groups=num_groups, zero_init=zero_init, dtype=dtype,
-                      name=name, fused_relu=activation is jax.nn.relu, use_onednn=not pool_follows)
-    if activation is None or (isinstance(norm, fast_norm.BatchNorm) and norm.relu):
+                      name=name, fused_relu=activation is jax.nn.relu, pool_follows=pool_follows)
+    if activation is None or (isinstance(norm, BatchNorm) and norm.relu):
         return norm
     return lambda x: activation(norm(x))
 
 
 def _make_norm(kind: NormKind, *, train: bool, momentum: float, epsilon: float, axis_name: str | None,
                virtual_batch_size: int | None, num_groups: int, zero_init: bool, dtype: Dtype | None,
-               name: str | None, fused_relu: bool, use_onednn: bool) -> Callable[[jax.Array], jax.Array]:
+               name: str | None, fused_relu: bool, pool_follows: bool) -> Callable[[jax.Array], jax.Array]:
     scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
     if kind == "batch":
         if virtual_batch_size is not None:
@@ -349,10 +391,10 @@ def _make_norm(kind: NormKind, *, train: bool, momentum: float, epsilon: float, 
                 scale_init=scale_init,
                 name=name,
             )
-        if axis_name is None:  # flax's BatchNorm mathematics with a faster backward pass (fast_norm.py)
-            return fast_norm.BatchNorm(
+        if axis_name is None:
+            return BatchNorm(
                 use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype,
-                scale_init=scale_init, name=name, relu=fused_relu, use_onednn=use_onednn,
+                scale_init=scale_init, name=name, relu=fused_relu, pool_follows=pool_follows,
             )
         return nn.BatchNorm(
             use_running_average=not train,
@@ -420,6 +462,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 __all__ = [
     "ACTIVATIONS",
     "Act",
+    "BatchNorm",
     "Conv2d",
     "Dense",
     "Dropout",

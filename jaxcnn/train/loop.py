@@ -28,7 +28,7 @@ from jaxcnn.train import parallel, transfer
 from jaxcnn.train.optim import make_optimizer
 from jaxcnn.train.state import TrainState, create_train_state, init_variables, leaf_names, param_count
 from jaxcnn.train.step import StepOptions, make_eval_step, make_train_step
-from jaxcnn.train.xla_flags import configure_xla_cpu
+from jaxcnn.backends import configure_process as configure_xla_cpu
 
 
 class NonFiniteError(FloatingPointError):

@@ -19,7 +19,7 @@ lr the scheduled rate; only leaves in the decay mask get wd):
 | lamb  | u = Adam(g) + wd·p;  p -= lr·(‖p‖/‖u‖)·u  per leaf                                          | decoupled |
 | lars  | g' = g + wd·p;  u = 0.001·(‖p‖/‖g'‖)·g' per leaf;  m = μ·m + lr·u;  p -= m                  | LARS |
 
-- **sgd with momentum** is `jaxcnn.train.fused_sgd`: optax's ``chain(add_decayed_weights(wd, mask),
+- **sgd with momentum** is `jaxcnn.backends.sgd`: optax's ``chain(add_decayed_weights(wd, mask),
   sgd(lr, μ, nesterov))`` (the same state and checkpoints), whose update the train step runs as one native pass
   over all parameters on the CPU, with the bits optax gives under `jax.jit`; clipping or a `trainable_mask`
   wrap it in optax transformations and then take optax's update.
@@ -81,7 +81,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcnn.config import ConfigError, OptimConfig, ScheduleConfig
-from jaxcnn.train.fused_sgd import fused_sgd
+from jaxcnn import backends
 
 Schedule = Callable[[Any], jax.Array]
 
@@ -245,9 +245,9 @@ def _base_optimizer(optim: OptimConfig, lr: Schedule) -> optax.GradientTransform
             raise ConfigError(f"optim.momentum={optim.momentum} must be in [0, 1) for sgd")
         if optim.nesterov and not optim.momentum:
             raise ConfigError("optim.nesterov=True needs optim.momentum > 0")
-        if optim.momentum:  # optax's chain, with its update in one native pass on the CPU (jaxcnn.train.fused_sgd)
-            return fused_sgd(lr, momentum=optim.momentum, nesterov=optim.nesterov, weight_decay=wd,
-                             mask=mask if wd else None)
+        if optim.momentum:  # optax's chain, whose update the backend may run as one pass (jaxcnn.backends.sgd)
+            return backends.sgd(lr, momentum=optim.momentum, nesterov=optim.nesterov, weight_decay=wd,
+                                mask=mask if wd else None)
         return l2(optax.sgd(lr))
     if name == "adam":
         return l2(optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps))

@@ -37,8 +37,8 @@ BatchNorm running statistics: under pmap and shard_map the strategy `pmean`s `ba
 every replica holds identical statistics whatever the model does (with synced BatchNorm they are equal already;
 with ghost BatchNorm the mean over devices of per-slice statistics is the single-device value).
 
-CPU threads: every strategy traces its steps inside `jaxcnn.nn.onednn.concurrent_devices(n)`, n = its devices in
-this process, so oneDNN's convolutions get every core on one device and cores // n each when n devices run at once.
+CPU threads: every strategy traces its steps inside `jaxcnn.backends.concurrent_devices(n)`, n = its devices in
+this process, so the native CPU kernels get every core on one device and cores // n each when n devices run at once.
 
 Multi-host: call `init_distributed` first. The devices are ordered by process (process 0's, then process 1's,
 ...), so process p of P holds rows [p·B/P, (p+1)·B/P) of every global batch and loads only those
@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
+import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -61,9 +63,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxcnn import backends
 from jaxcnn.config import ConfigError, ParallelConfig
 from jaxcnn.data.pipeline import stacked_sharding, take_batch
-from jaxcnn.nn import onednn
 
 DATA_AXIS = "data"  # the jit strategy's mesh axis
 BATCH_AXIS = "batch"  # the pmap / shard_map axis name (BatchNorm's axis_name)
@@ -112,14 +114,25 @@ def detected_cluster() -> str | None:
         return "openmpi"
     if any(env.get(k) for k in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")):
         return "tpu"
-    try:  # set by `import jax` when libtpu finds a Cloud TPU VM (private, so read defensively)
-        from jax._src import cloud_tpu_init
-
-        if getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False):
-            return "tpu"
-    except ImportError:
-        pass
+    if _on_cloud_tpu_vm():
+        return "tpu"
     return None
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """A Cloud TPU VM, decided as JAX decides it when it starts libtpu: libtpu installed (or TPU_LIBRARY_PATH set) and
+    a Google (PCI vendor 0x1ae0) processing accelerator (PCI class 0x12) on the bus."""
+    if not os.environ.get("TPU_LIBRARY_PATH") and importlib.util.find_spec("libtpu") is None:
+        return False
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        device = os.path.dirname(vendor)
+        try:
+            with open(vendor) as v, open(os.path.join(device, "class")) as c:
+                if v.read().strip() == "0x1ae0" and c.read().strip().startswith("0x12"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def init_distributed(cfg: ParallelConfig) -> bool:
@@ -357,12 +370,12 @@ class Strategy:
         return jax.tree_util.tree_map(split, batch)
 
     def _traced_here(self, fn: Callable) -> Callable:
-        """`fn`, traced with oneDNN told how many of this process's devices run it at once (its thread share)."""
+        """`fn`, traced with the backend told how many of this process's devices run it at once (its thread share)."""
         n = len(self.local_devices)
 
         @functools.wraps(fn)
         def traced(*args: Any, **kwargs: Any) -> Any:
-            with onednn.concurrent_devices(n):
+            with backends.concurrent_devices(n):
                 return fn(*args, **kwargs)
 
         return traced

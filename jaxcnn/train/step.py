@@ -21,7 +21,7 @@ from jax import lax
 
 from jaxcnn.data import augment
 from jaxcnn.train.state import TrainState
-from jaxcnn.train.fused_sgd import apply_gradients
+from jaxcnn.backends import apply_gradients
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

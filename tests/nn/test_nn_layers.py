@@ -311,7 +311,7 @@ def test_activation_names():
 
 
 def test_dense_and_dropout_are_flax_layers():
-    """Dense is flax's nn.Dense with another product (fast_dense): same parameters, names and values."""
+    """Dense is flax's nn.Dense with the backend's product: same parameters, names and values."""
     assert issubclass(L.Dense, nn.Dense) and L.Dense.__name__ == "Dense" and L.Dropout is nn.Dropout
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 10))
     ours, flax_dense = L.Dense(7), nn.Dense(7)

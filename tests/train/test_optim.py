@@ -18,7 +18,7 @@ import pytest
 
 from jaxcnn.config import ConfigError, OptimConfig, ScheduleConfig
 from jaxcnn.models import create_model
-from jaxcnn.train.fused_sgd import apply_gradients
+from jaxcnn.backends import apply_gradients
 from jaxcnn.train.optim import lr_at, make_optimizer, make_schedule, weight_decay_mask
 from jaxcnn.train.state import create_train_state
 from jaxcnn.train.step import StepOptions, cross_entropy, make_train_step

@@ -354,3 +354,26 @@ def test_distributed_on_without_any_cluster_says_what_to_set() -> None:
     assert "ConfigError: parallel.distributed='on'" in out.stdout
     assert "set parallel.coordinator_address, parallel.num_processes and parallel.process_id" in out.stdout.replace("Set", "set")
     assert "initialized False" in out.stdout  # the process carries on as a single process
+
+
+def test_cloud_tpu_vm_detection_reads_the_pci_bus(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Google processing accelerator on the PCI bus with libtpu present is a Cloud TPU VM; Google's network card
+    (same vendor, another class) or no libtpu is not."""
+    def bus(*devices):
+        paths = []
+        for i, (vendor, cls) in enumerate(devices):
+            d = tmp_path / f"bus{len(list(tmp_path.iterdir()))}" / f"0000:00:0{i}.0"
+            d.mkdir(parents=True)
+            (d / "vendor").write_text(vendor + "\n")
+            (d / "class").write_text(cls + "\n")
+            paths.append(str(d / "vendor"))
+        monkeypatch.setattr(parallel.glob, "glob", lambda pattern: paths)
+
+    monkeypatch.setenv("TPU_LIBRARY_PATH", "/opt/libtpu.so")
+    bus(("0x1ae0", "0x020000"), ("0x8086", "0x120000"))
+    assert parallel._on_cloud_tpu_vm() is False
+    bus(("0x1ae0", "0x020000"), ("0x1ae0", "0x120000"))
+    assert parallel._on_cloud_tpu_vm() is True
+    monkeypatch.delenv("TPU_LIBRARY_PATH")
+    monkeypatch.setattr(parallel.importlib.util, "find_spec", lambda name: None)
+    assert parallel._on_cloud_tpu_vm() is False

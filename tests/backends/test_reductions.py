@@ -1,4 +1,4 @@
-"""jaxcnn.nn.reductions: per-channel sums equal NumPy's (float64) for every shape, and add_bias's gradient is the
+"""jaxcnn.backends.cpu.reductions: per-channel sums equal NumPy's (float64) for every shape, and add_bias's gradient is the
 plain `y + bias` gradient."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcnn.nn.reductions import _fold, add_bias, channel_sum
+from jaxcnn.backends.cpu.reductions import _fold, add_bias, channel_sum
 
 SHAPES = [(128, 28, 28, 6), (2, 3, 5, 7), (3, 1, 1, 512), (8, 9, 9, 16), (4, 16), (5,), (2, 7, 13, 3), (1, 2, 2, 1)]
 

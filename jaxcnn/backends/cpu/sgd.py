@@ -7,14 +7,14 @@
 `init` and `update` are that chain's, so its state, its checkpoints and anything that calls ``tx.update`` are
 unchanged. It adds `apply`, the update and ``optax.apply_updates`` in one: on the CPU, with float32 parameters
 and the native library built, one pass over every parameter, momentum and gradient
-(`jaxcnn.nn.onednn.sgd_update`, csrc/sgd_update.cc), which gives the bits XLA gives for optax's formula (float32,
-each multiply-add fused as XLA's CPU backend compiles it; tests/train/test_fused_sgd.py checks against optax
+(`jaxcnn.backends.cpu.kernels.sgd_update`, csrc/sgd_update.cc), which gives the bits XLA gives for optax's formula (float32,
+each multiply-add fused as XLA's CPU backend compiles it; tests/backends/test_sgd.py checks against optax
 under `jax.jit` and a NumPy reference). Elsewhere
 `apply` is optax's update followed by `apply_updates`.
 
 Why: XLA's CPU backend ran this update as three loop fusions per weight (the decayed gradient, the momentum, the
 parameter: ten array passes where five do) plus the scheduling between them; for the MLP of
-benchmarks/vs_pytorch.py that was about 100 us of a 1 ms step on 2 cores (benchmarks/README.md, tenth session).
+benchmarks/vs_pytorch.py that was about 100 us of a 1 ms step on 2 cores (benchmarks/README.md).
 
 `apply_gradients(tx, ...)` works for every optax transformation: it calls ``tx.apply`` when `tx` has one (a
 `FusedSGD`), else ``tx.update`` and ``optax.apply_updates``. Wrapping a `FusedSGD` in another optax
@@ -30,8 +30,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
-from jaxcnn.nn import onednn
+from jaxcnn.backends.cpu import kernels
 
 
 class FusedSGD(NamedTuple):
@@ -69,7 +70,7 @@ def fused_sgd(learning_rate: float | Callable[[Any], Any], *, momentum: float, n
             return optax_apply(grads, state, params)
         p_leaves, treedef = jax.tree_util.tree_flatten(params)
         g_leaves, m_leaves = treedef.flatten_up_to(grads), treedef.flatten_up_to(trace.trace)
-        if not onednn.sgd_update_usable(p_leaves + g_leaves + m_leaves):
+        if not kernels.sgd_update_usable(p_leaves + g_leaves + m_leaves):
             return optax_apply(grads, state, params)
         decays = [float(weight_decay)] * len(p_leaves)
         if weight_decay and mask is not None:
@@ -77,16 +78,22 @@ def fused_sgd(learning_rate: float | Callable[[Any], Any], *, momentum: float, n
             if chosen is None:  # a mask of traced values: optax's masked update handles it
                 return optax_apply(grads, state, params)
             decays = [float(weight_decay) if on else 0.0 for on in chosen]
-        if callable(learning_rate):  # optax's scale_by_learning_rate: -1 * lr(count), as float32
-            step = jnp.asarray(-1 * learning_rate(schedule.count), jnp.float32)
-            schedule = optax.ScaleByScheduleState(count=optax.safe_increment(schedule.count))
-        else:
-            step = jnp.asarray(-1 * learning_rate, jnp.float32)
-        new_p, new_m = onednn.sgd_update(step, p_leaves, m_leaves, g_leaves, momentum=momentum,
-                                         nesterov=nesterov, decays=decays)
-        sgd_state = (optax.TraceState(trace=treedef.unflatten(new_m)), schedule)
-        new_state = (state[0], sgd_state) if weight_decay else sgd_state
-        return treedef.unflatten(new_p), new_state
+
+        def native(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+            trace, schedule = state[1] if weight_decay else state
+            if callable(learning_rate):  # optax's scale_by_learning_rate: -1 * lr(count), as float32
+                step = jnp.asarray(-1 * learning_rate(schedule.count), jnp.float32)
+                schedule = optax.ScaleByScheduleState(count=optax.safe_increment(schedule.count))
+            else:
+                step = jnp.asarray(-1 * learning_rate, jnp.float32)
+            new_p, new_m = kernels.sgd_update(step, treedef.flatten_up_to(params), treedef.flatten_up_to(trace.trace),
+                                              treedef.flatten_up_to(grads), momentum=momentum, nesterov=nesterov,
+                                              decays=decays)
+            sgd_state = (optax.TraceState(trace=treedef.unflatten(new_m)), schedule)
+            return treedef.unflatten(new_p), ((state[0], sgd_state) if weight_decay else sgd_state)
+
+        # The native pass on the CPU; a program lowered for another platform gets optax's update.
+        return lax.platform_dependent(grads, state, params, cpu=native, default=optax_apply)
 
     return FusedSGD(chain.init, chain.update, apply)
 

@@ -1,6 +1,6 @@
-"""jaxcnn.nn.fast_conv: the same outputs and gradients as the plain XLA convolution and as NumPy loops.
+"""jaxcnn.backends.cpu.conv: the same outputs and gradients as the plain XLA convolution and as NumPy loops.
 
-Each test runs twice (the `backend` fixture): with float32 convolutions run by oneDNN (jaxcnn.nn.onednn, the CPU
+Each test runs twice (the `backend` fixture): with float32 convolutions run by oneDNN (jaxcnn.backends.cpu.kernels, the CPU
 default) and with XLA's convolutions behind the hand-written VJP (JAXCNN_ONEDNN=0). The fast path must agree with `lax.conv_general_dilated` and its automatic derivatives to
 float32 tolerance for every stride, padding, dilation and group count, under jit, vmap and second derivatives;
 a few cases are also checked against from-scratch NumPy loops (tests/reference_numpy.py).
@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxcnn.nn import fast_conv, functional, onednn
+from jaxcnn.backends.cpu import conv as fast_conv
+from jaxcnn.backends.cpu import kernels as onednn
+from jaxcnn.nn import functional
 from reference_numpy import np_conv2d, pad
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -28,7 +30,7 @@ def backend(request, monkeypatch):
     with the hand-written VJP (JAXCNN_ONEDNN=0; also what runs for other dtypes and on GPU)."""
     if request.param == "onednn":
         if not onednn.available():
-            pytest.skip("oneDNN library unavailable (tests/nn/test_onednn.py says why)")
+            pytest.skip("oneDNN library unavailable (tests/backends/test_kernels.py says why)")
         monkeypatch.setenv("JAXCNN_ONEDNN", "1")
     else:
         monkeypatch.setenv("JAXCNN_ONEDNN", "0")

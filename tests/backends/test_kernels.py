@@ -1,7 +1,7 @@
-"""jaxcnn.nn.onednn: float32 CPU convolutions run by oneDNN through XLA FFI custom calls.
+"""jaxcnn.backends.cpu.kernels: float32 CPU convolutions run by oneDNN through XLA FFI custom calls.
 
 Outputs and first derivatives are checked against NumPy loops and lax.conv for every geometry in
-tests/nn/test_fast_conv.py (which runs each test with and without oneDNN). Here: that the library builds and is the
+tests/backends/test_conv.py (which runs each test with and without oneDNN). Here: that the library builds and is the
 default on the CPU, which convolutions it takes, higher-order derivatives (the primitive's bilinear transpose
 rules), eager calls, vmap, lowering for GPU (no custom call), and the fallbacks (JAXCNN_ONEDNN=0, no compiler).
 """
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxcnn.nn import fast_conv, onednn
+from jaxcnn.backends.cpu import conv as fast_conv
+from jaxcnn.backends.cpu import kernels as onednn
 from reference_numpy import np_conv2d
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -282,7 +283,7 @@ def test_devices_running_at_once_get_their_own_results():
 def test_binding_the_primitive_directly_loads_the_library(tmp_path):
     """A fresh process that binds the primitive without going through fast_conv (no `usable` call first)."""
     code = ("import jax, jax.numpy as jnp\n"
-            "from jaxcnn.nn import onednn\n"
+            "from jaxcnn.backends.cpu import kernels as onednn\n"
             "g = onednn.Geometry((2, 6, 6, 3), (3, 3, 3, 4), (2, 6, 6, 4), (1, 1), ((1, 1), (1, 1)), (1, 1), 1)\n"
             "y = jax.jit(lambda x, k: onednn.conv2d(x, k, g))(jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4)))\n"
             "print(float(y[0, 2, 2, 0]))\n")

@@ -1,4 +1,4 @@
-"""jaxcnn.train.xla_flags: flags land in XLA_FLAGS before the backend starts, user settings win, late calls warn."""
+"""jaxcnn.backends.cpu.xla_flags: flags land in XLA_FLAGS before the backend starts, user settings win, late calls warn."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def run_python(code: str, xla_flags: str) -> subprocess.CompletedProcess:
 def test_adds_defaults_keeps_user_flags_and_warns_when_too_late():
     code = """
         import os, warnings
-        from jaxcnn.train.xla_flags import DEFAULT_CPU_FLAGS, configure_xla_cpu
+        from jaxcnn.backends.cpu.xla_flags import DEFAULT_CPU_FLAGS, configure_xla_cpu
         assert configure_xla_cpu() is True
         flags = os.environ["XLA_FLAGS"].split()
         assert "--xla_force_host_platform_device_count=2" in flags
@@ -39,10 +39,28 @@ def test_adds_defaults_keeps_user_flags_and_warns_when_too_late():
 def test_user_value_of_a_default_flag_wins():
     code = """
         import os
-        from jaxcnn.train.xla_flags import configure_xla_cpu
+        from jaxcnn.backends.cpu.xla_flags import configure_xla_cpu
         configure_xla_cpu()
         print(os.environ["XLA_FLAGS"])
     """
     result = run_python(code, "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["--xla_cpu_experimental_ynn_fusion_type=individual_dot"]
+
+
+def test_backends_started_is_read_through_public_jax_api():
+    """`_backends_started` (jax.config's rule for jax_num_cpu_devices, no private module) flips when the first array
+    exists and leaves the setting as it found it, on every supported jax."""
+    code = """
+        from jaxcnn.backends.cpu.xla_flags import _backends_started
+        import jax
+        before = jax.config.jax_num_cpu_devices
+        assert _backends_started() is False
+        assert jax.config.jax_num_cpu_devices == before
+        jax.numpy.ones(2).block_until_ready()
+        assert _backends_started() is True
+        assert jax.config.jax_num_cpu_devices == before
+        print("ok")
+    """
+    result = run_python(code, "")
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

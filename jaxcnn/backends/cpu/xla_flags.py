@@ -4,13 +4,13 @@ XLA reads `XLA_FLAGS` once, when JAX creates its first backend (the first array,
 `configure_xla_cpu()` must run before that: `jaxcnn.train.loop.train` (and so `python -m jaxcnn train` and
 `sweep`) calls it first thing; a script or notebook that builds its own steps calls it before its first JAX call.
 
-    from jaxcnn.train.xla_flags import configure_xla_cpu
+    from jaxcnn.backends.cpu.xla_flags import configure_xla_cpu
     configure_xla_cpu()          # then import models, build arrays, ...
 
 A flag the user already put in `XLA_FLAGS` is never overridden, so any default below can be switched off from
 the environment (e.g. `XLA_FLAGS=--xla_cpu_use_thunk_runtime=true`).
 
-The same call applies `jaxcnn.train.host_malloc.configure_host_malloc()` when `JAXCNN_HOST_MALLOC=1` (glibc
+The same call applies `jaxcnn.backends.cpu.host_malloc.configure_host_malloc()` when `JAXCNN_HOST_MALLOC=1` (glibc
 keeps each execution's temporary memory mapped instead of page-faulting it in again every call; opt-in, for
 loops that run one step per call), which has the same deadline: before JAX starts its thread pools.
 """
@@ -21,7 +21,7 @@ import os
 import sys
 import warnings
 
-from jaxcnn.train.host_malloc import configure_host_malloc
+from jaxcnn.backends.cpu.host_malloc import configure_host_malloc
 
 # flag -> value, with why. Applied on every platform (XLA ignores CPU flags on GPU/TPU backends).
 DEFAULT_CPU_FLAGS: dict[str, str] = {
@@ -38,13 +38,23 @@ def _flag_name(item: str) -> str:
 
 
 def _backends_started() -> bool:
+    """Whether JAX already started its backends in this process (after which XLA_FLAGS is read no more).
+
+    JAX has no public query for it, but its documented rule for ``jax_num_cpu_devices`` is one: the setting may only
+    change before the backends start, and `jax.config.update` raises RuntimeError after. So: try to change it, and
+    put the value back when that worked.
+    """
     if "jax" not in sys.modules:
         return False
+    import jax
+
+    current = jax.config.jax_num_cpu_devices
     try:
-        from jax._src import xla_bridge
-    except ImportError:  # pragma: no cover - a JAX without the private module: assume the worst
+        jax.config.update("jax_num_cpu_devices", current + 1 if current < 1 << 20 else 1)
+    except RuntimeError:
         return True
-    return bool(xla_bridge.backends_are_initialized())
+    jax.config.update("jax_num_cpu_devices", current)
+    return False
 
 
 def configure_xla_cpu(flags: dict[str, str] | None = None) -> bool:
@@ -68,7 +78,7 @@ def configure_xla_cpu(flags: dict[str, str] | None = None) -> bool:
             warnings.warn(
                 f"jaxcnn: JAX's CPU backend is already running, so the XLA flags {' '.join(missing)} and jaxcnn's "
                 "host malloc settings cannot take effect (training runs slower); call "
-                "jaxcnn.train.xla_flags.configure_xla_cpu() before the first JAX array or jit",
+                "jaxcnn.backends.cpu.xla_flags.configure_xla_cpu() before the first JAX array or jit",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -1,4 +1,4 @@
-"""jaxcnn.nn.fast_norm.BatchNorm: flax's BatchNorm in outputs, running statistics, variables and gradients.
+"""jaxcnn.nn.BatchNorm and jaxcnn.backends.cpu.norm: flax's BatchNorm in outputs, running statistics, variables and gradients.
 
 Also against a from-scratch NumPy batch norm and its textbook gradient (float64).
 """
@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn.nn import fast_norm, layers, onednn
+from jaxcnn.backends.cpu import kernels as onednn
+from jaxcnn.backends.cpu import norm as fast_norm
+from jaxcnn.nn import layers
 
 
 def flax_bn(train: bool, dtype=None) -> nn.Module:
@@ -19,7 +21,7 @@ def flax_bn(train: bool, dtype=None) -> nn.Module:
 
 
 def fast_bn(train: bool, dtype=None) -> nn.Module:
-    return fast_norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    return layers.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
 
 
 def random_inputs(shape, seed=0):
@@ -105,7 +107,7 @@ def test_bfloat16_compute_dtype():
 
 
 def test_make_norm_keeps_flax_under_an_axis_name():
-    assert isinstance(layers.make_norm("batch", train=True), fast_norm.BatchNorm)
+    assert isinstance(layers.make_norm("batch", train=True), layers.BatchNorm)
     assert isinstance(layers.make_norm("batch", train=True, axis_name="batch"), nn.BatchNorm)
 
 
@@ -240,7 +242,7 @@ def test_make_norm_with_activation_is_the_composition(axis_name):
     fused into the fast BatchNorm when there is no axis_name; other activations are applied after the norm."""
     x, g, _, _ = away_from_relu_kink((8, 4, 4, 6), seed=9)
     if axis_name is None:
-        assert isinstance(layers.make_norm("batch", train=True, activation=jax.nn.relu), fast_norm.BatchNorm)
+        assert isinstance(layers.make_norm("batch", train=True, activation=jax.nn.relu), layers.BatchNorm)
     variables = variables_for(fast_bn(True) if axis_name is None else flax_bn(True), x)
 
     def run(layer_fn):
@@ -273,7 +275,7 @@ def test_pool_follows_keeps_xla_fusions_with_the_same_values():
     x, g, _, _ = away_from_relu_kink((8, 4, 4, 6), seed=11)
     layers_by_flag = {flag: layers.make_norm("batch", train=True, activation=jax.nn.relu, pool_follows=flag)
                       for flag in (False, True)}
-    assert not layers_by_flag[True].use_onednn and layers_by_flag[False].use_onednn
+    assert layers_by_flag[True].pool_follows and not layers_by_flag[False].pool_follows
     variables = variables_for(fast_bn(True), x)
     results = {}
     for flag, layer in layers_by_flag.items():

@@ -13,7 +13,7 @@ them work with no custom_vjp. `jax.vmap` runs XLA's convolution. On other platfo
 lowers to ``lax.conv_general_dilated`` and its autodiff transposes, i.e. exactly what JAX would run without it.
 
 `usable` decides at trace time: float32 operands, the library built, and oneDNN has a JIT kernel (not its slow
-reference code) for all three convolutions of the geometry. Otherwise `jaxcnn.nn.fast_conv` keeps XLA's
+reference code) for all three convolutions of the geometry. Otherwise `jaxcnn.backends.cpu.conv` keeps XLA's
 convolutions. ``JAXCNN_ONEDNN=0`` turns this module off (to compare against XLA's kernels), and so does the
 `xla_convolutions()` context for what is traced inside it (XLA's cost analysis does not see into custom calls, and
 `jax.export` refuses them). Functions already traced keep their path. When the library
@@ -27,11 +27,11 @@ thread pool, one one-thread primitive per slice; otherwise (and for BatchNorm) o
 at once (csrc/onednn_common.h).
 
 The same library holds oneDNN's training-mode batch normalisation (`csrc/onednn_norm.cc`: `norm_forward`,
-`norm_backward`, optionally fused with the ReLU after it), which `jaxcnn.nn.fast_norm` wraps in derivative rules;
+`norm_backward`, optionally fused with the ReLU after it), which `jaxcnn.backends.cpu.norm` wraps in derivative rules;
 oneDNN's sgemm for dense layers (`csrc/onednn_matmul.cc`: the `matmul_p` primitive, bilinear like the convolutions,
-row blocks on XLA's thread pool), which `jaxcnn.nn.fast_dense` uses; and jaxcnn's own max pooling over
+row blocks on XLA's thread pool), which `jaxcnn.backends.cpu.dense` uses; and jaxcnn's own max pooling over
 non-overlapping windows (`csrc/max_pool.cc`: `max_pool_forward`, `max_pool_backward`; AVX-512 loops on XLA's
-thread pool, no oneDNN), which `jaxcnn.nn.fast_pool` wraps. The same switches (``JAXCNN_ONEDNN=0``,
+thread pool, no oneDNN), which `jaxcnn.backends.cpu.pool` wraps. The same switches (``JAXCNN_ONEDNN=0``,
 `xla_convolutions()`) turn all of them off.
 """
 
@@ -401,7 +401,7 @@ def norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, geometry: Norm
     """oneDNN's training-mode BatchNorm (with the ReLU when ``geometry.relu``): x ``[..., C]``, scale, bias ``[C]``
     -> ``(y [..., C], mean [C], var [C] (biased), workspace [bytes] uint8)``, all float32 but the workspace.
 
-    Not differentiable by itself: `jaxcnn.nn.fast_norm` wraps it (and `norm_backward`) in derivative rules.
+    Not differentiable by itself: `jaxcnn.backends.cpu.norm` wraps it (and `norm_backward`) in derivative rules.
     """
     c = geometry.x_shape[-1]
     stat = jax.ShapeDtypeStruct((c,), np.float32)
@@ -501,7 +501,7 @@ def max_pool_forward(x: jax.Array, window: tuple[int, int]) -> tuple[jax.Array, 
     """Max over each non-overlapping ``kh x kw`` window of x ``[..., H, W, C]`` float32, with the element XLA's
     select-and-scatter would pick: ``(y [..., H // kh, W // kw, C], choice int8 (row-major index in the window))``.
 
-    Not differentiable by itself: `jaxcnn.nn.fast_pool` wraps it (and `max_pool_backward`) in derivative rules.
+    Not differentiable by itself: `jaxcnn.backends.cpu.pool` wraps it (and `max_pool_backward`) in derivative rules.
     """
     *lead, h, w, c = x.shape
     out_shape = (*lead, h // window[0], w // window[1], c)

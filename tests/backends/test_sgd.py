@@ -1,4 +1,4 @@
-"""jaxcnn.train.fused_sgd: the native SGD update gives the bits of a NumPy float32 reference and of optax's chain,
+"""jaxcnn.backends.cpu.sgd: the native SGD update gives the bits of a NumPy float32 reference and of optax's chain,
 keeps optax's state structure, and falls back to optax where the native pass cannot run.
 
 References: a NumPy float32 loop of optax's formula (independent of XLA and of the kernel), and optax's own
@@ -17,8 +17,8 @@ import pytest
 from jax import lax
 
 from jaxcnn.config import OptimConfig, ScheduleConfig
-from jaxcnn.nn import onednn
-from jaxcnn.train.fused_sgd import FusedSGD, apply_gradients, fused_sgd
+from jaxcnn.backends.cpu import kernels as onednn
+from jaxcnn.backends.cpu.sgd import FusedSGD, apply_gradients, fused_sgd
 from jaxcnn.train.optim import make_optimizer, weight_decay_mask
 
 needs_native = pytest.mark.skipif(not onednn.available(), reason="native library unavailable (g++ / libdnnl-dev)")

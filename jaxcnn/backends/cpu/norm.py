@@ -1,46 +1,37 @@
-"""BatchNorm with a hand-written VJP: flax's `nn.BatchNorm` mathematics and variables, a cheaper backward pass.
+"""Training-mode BatchNorm with a hand-written VJP (flax's `nn.BatchNorm` mathematics), and oneDNN's kernels for it.
 
-`jaxcnn.nn.layers.make_norm('batch')` builds this module. In training the layer normalises with the batch's
-per-channel mean and (two-pass, biased) variance, computed in float32, and moves the running statistics like
-flax; evaluation uses the running statistics. Automatic differentiation of that forward pass walks back through
-the mean and the variance separately; the hand-written backward pass needs two per-channel sums and one
-elementwise pass:
+`jaxcnn.backends.batch_norm` (what `jaxcnn.nn.BatchNorm` calls in training) is `batch_norm_act_train`: it
+normalises with the batch's per-channel mean and (two-pass, biased) variance, computed in float32. Automatic
+differentiation of that forward pass walks back through the mean and the variance separately; the hand-written
+backward pass needs two per-channel sums and one elementwise pass:
 
     xhat = (x - mean) * rstd,  dbias = sum(dy),  dscale = sum(dy * xhat)
     dx = scale * rstd * (dy - dbias / M - xhat * dscale / M)          (M = N * H * W values per channel)
 
 which ran 25% faster than flax's on CIFAR ResNet shapes on 2 CPU cores (benchmarks/README.md). Under pmap /
-shard_map (a BatchNorm ``axis_name``) `make_norm` keeps flax's BatchNorm, which averages the statistics over the
-devices; under jit with a sharded batch this layer's sums are global already.
+shard_map (a BatchNorm ``axis_name``) `jaxcnn.nn.make_norm` keeps flax's BatchNorm, which averages the statistics
+over the devices; under jit with a sharded batch these sums are global already.
 
-On the CPU backend, float32 training-mode BatchNorm runs in oneDNN's batch-normalisation kernels instead
-(`batch_norm_act_train`, XLA FFI calls built with the convolutions, `jaxcnn.nn.onednn`), fused with the ReLU that
-follows it when the layer has ``relu=True`` (what `layers.make_norm(..., activation=jax.nn.relu)` and every
-conv-BN-ReLU block build): one forward call (statistics, normalisation, ReLU, the ReLU's bit mask) and one backward
-call. On a CIFAR ResNet's first stage (128x32x32x16) forward and backward take 2.0 ms against 4.7 ms for XLA's
-fusions on 2 cores; ResNet-20's training step went from 620 to 700-760 images/s. The derivatives of those calls are
-these JAX formulas (second derivatives work); a function traced here and exported for another platform gets the
-XLA version (`lax.platform_dependent`).
-
-Variables are named as flax's (``params: scale, bias``; ``batch_stats: mean, var``), so checkpoints and
-parameter trees are interchangeable.
+On the CPU backend, float32 training-mode BatchNorm runs in oneDNN's batch-normalisation kernels instead (XLA FFI
+calls built with the convolutions, `jaxcnn.backends.cpu.kernels`), fused with the ReLU that follows it when
+``relu=True`` (what `make_norm(..., activation=jax.nn.relu)` and every conv-BN-ReLU block build): one forward call
+(statistics, normalisation, ReLU, the ReLU's bit mask) and one backward call. On a CIFAR ResNet's first stage
+(128x32x32x16) forward and backward take 2.0 ms against 4.7 ms for XLA's fusions on 2 cores; ResNet-20's training
+step went from 620 to 700-760 images/s. The derivatives of those calls are these JAX formulas (second derivatives
+work); a function traced here and lowered for another platform gets the XLA version (`lax.platform_dependent`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jaxcnn.nn import onednn
-
-Dtype = Any
+from jaxcnn.backends.cpu import kernels
 
 
 def _reduction_axes(x: jax.Array) -> tuple[int, ...]:
@@ -136,7 +127,7 @@ def _reference_forward(x, scale, bias, epsilon, relu):
 def _onednn_forward(x, scale, bias, geometry):
     """oneDNN's forward pass ``(y, mean, var, workspace)``, differentiable (for second derivatives, where the
     backward pass itself is differentiated) through `_forward`'s JAX operations."""
-    return onednn.norm_forward(x, scale, bias, geometry)
+    return kernels.norm_forward(x, scale, bias, geometry)
 
 
 @_onednn_forward.defjvp
@@ -151,11 +142,11 @@ def _onednn_forward_jvp(geometry, primals, tangents):
 def _onednn_grad(x, dy, mean, var, scale, bias, workspace, geometry):
     """oneDNN's backward pass (the ReLU's mask from the forward pass's workspace), differentiable again through
     `_reference_grad`."""
-    return onednn.norm_backward(x, dy, mean, var, scale, workspace, geometry)
+    return kernels.norm_backward(x, dy, mean, var, scale, workspace, geometry)
 
 
 def _onednn_grad_fwd(x, dy, mean, var, scale, bias, workspace, geometry):
-    out = onednn.norm_backward(x, dy, mean, var, scale, workspace, geometry)
+    out = kernels.norm_backward(x, dy, mean, var, scale, workspace, geometry)
     return out, (x, dy, mean, var, scale, bias, workspace)
 
 
@@ -169,7 +160,7 @@ _onednn_grad.defvjp(_onednn_grad_fwd, _onednn_grad_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm_onednn(x: jax.Array, scale: jax.Array, bias: jax.Array, geometry: onednn.NormGeometry):
+def _batch_norm_onednn(x: jax.Array, scale: jax.Array, bias: jax.Array, geometry: kernels.NormGeometry):
     """`batch_norm_train` (then the ReLU when ``geometry.relu``) in oneDNN's kernels: ``(y, mean, var)``."""
     y, mean, var, _ = _platform_forward(x, scale, bias, geometry)
     return y, mean, var
@@ -180,7 +171,7 @@ def _platform_forward(x, scale, bias, geometry):
     JAX operations, with a workspace of zeros."""
     def default(x, scale, bias):
         y, mean, var = _reference_forward(x, scale, bias, geometry.epsilon, geometry.relu)
-        return y, mean, var, jnp.zeros((onednn.norm_workspace_bytes(geometry),), jnp.uint8)
+        return y, mean, var, jnp.zeros((kernels.norm_workspace_bytes(geometry),), jnp.uint8)
 
     return lax.platform_dependent(x, scale, bias, cpu=functools.partial(_onednn_forward, geometry=geometry),
                                   default=default)
@@ -221,58 +212,18 @@ def batch_norm_act_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilo
     """`batch_norm_train`, then ``jax.nn.relu`` on y when `relu`: ``(y, mean, var)`` as that composition gives.
 
     On the CPU backend, for float32 operands and with `use_onednn`, both passes (and the ReLU, and its mask in the
-    backward pass) run in oneDNN's batch-normalisation kernels (`jaxcnn.nn.onednn.norm_forward`): 2.3x faster than
+    backward pass) run in oneDNN's batch-normalisation kernels (`jaxcnn.backends.cpu.kernels.norm_forward`): 2.3x faster than
     XLA's fusions for a CIFAR ResNet's first stage on 2 cores (benchmarks/README.md). Elsewhere, and with
     ``use_onednn=False`` (for a layer a pool follows: XLA fuses the normalisation, the ReLU and the pool, which
     beat oneDNN's kernels plus a separate pool), this is the composition itself.
     """
     geometry = None
     if use_onednn:
-        geometry = onednn.norm_usable(x.shape, (x.dtype, scale.dtype, bias.dtype), relu=relu, epsilon=epsilon)
+        geometry = kernels.norm_usable(x.shape, (x.dtype, scale.dtype, bias.dtype), relu=relu, epsilon=epsilon)
     if geometry is not None:
         return _batch_norm_onednn(x, scale, bias, geometry)
     y, mean, var = batch_norm_train(x, scale, bias, epsilon)
     return (jax.nn.relu(y) if relu else y), mean, var
 
 
-class BatchNorm(nn.Module):
-    """Batch normalisation over ``(N, H, W)`` per channel (the last axis) for x: ``[N, ..., C]``.
-
-    Fields mean what they mean for flax's ``nn.BatchNorm`` (``use_fast_variance=False``,
-    ``force_float32_reductions=True``): ``momentum`` 0.9 is PyTorch's 0.1; ``dtype`` is the output dtype
-    (None: promote the input and parameter dtypes); statistics are float32. ``relu=True`` applies ``jax.nn.relu``
-    to the output (the layer is then ``relu(BatchNorm(x))``, conv-BN-ReLU's last two steps), which training on the
-    CPU runs fused with the normalisation (`batch_norm_act_train`); the variables are the same either way.
-    ``use_onednn=False`` keeps training in XLA's fusions (same values): better when a pool follows.
-    """
-
-    use_running_average: bool = False
-    momentum: float = 0.9
-    epsilon: float = 1e-5
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    scale_init: Callable[..., jax.Array] = nn.initializers.ones
-    bias_init: Callable[..., jax.Array] = nn.initializers.zeros
-    relu: bool = False
-    use_onednn: bool = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
-        if self.use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-            y = (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32))
-            y = y + bias.astype(jnp.float32)
-            y = jax.nn.relu(y) if self.relu else y
-        else:
-            y, mean, var = batch_norm_act_train(x, scale, bias, self.epsilon, self.relu, self.use_onednn)
-            if not self.is_initializing():
-                mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        out_dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
-        return y.astype(out_dtype)
+__all__ = ["batch_norm_act_train", "batch_norm_train"]

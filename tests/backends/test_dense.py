@@ -1,4 +1,4 @@
-"""jaxcnn.nn.fast_dense and onednn.matmul_p: dense products through oneDNN's sgemm equal float64 NumPy products,
+"""jaxcnn.backends.cpu.dense and onednn.matmul_p: dense products through oneDNN's sgemm equal float64 NumPy products,
 with exact derivative rules (every transpose combination the gradients use), vmap, and XLA's dot off the CPU."""
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn.nn import fast_dense, layers, onednn
+from jaxcnn.backends.cpu import dense as fast_dense
+from jaxcnn.backends.cpu import kernels as onednn
+from jaxcnn.nn import layers
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN library unavailable")
 

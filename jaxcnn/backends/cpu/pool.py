@@ -1,6 +1,6 @@
 """Max pooling over non-overlapping windows with a hand-written VJP; the same mathematics as XLA's.
 
-`jaxcnn.nn.functional.max_pool` calls `max_pool_tiled` when the windows tile the input (strides equal to the
+`jaxcnn.backends.max_pool` (what `jaxcnn.nn.functional.max_pool` calls) runs `max_pool_tiled` when the windows tile the input (strides equal to the
 window, no padding), which is what LeNet, VGG and most CIFAR networks use. XLA differentiates
 ``lax.reduce_window(max)`` with a select-and-scatter, which its CPU backend expands into index arrays and a
 scatter (a third of a LeNet-5 train step on 2 cores). Here the forward pass is a reshape and a max over the
@@ -8,7 +8,7 @@ window axes, and the backward pass gives each window's gradient to the element X
 scanning the window row by row, the first element, replaced by each later one that the current choice is not
 ``>=`` to. That is the first maximum for ordinary numbers, and the same choice as XLA around NaN and -inf.
 
-On the CPU, float32 windows run in jaxcnn's own kernels (`onednn.max_pool_forward` / `max_pool_backward`,
+On the CPU, float32 windows run in jaxcnn's own kernels (`kernels.max_pool_forward` / `max_pool_backward`,
 ``csrc/max_pool.cc``): one pass forward writing the max and the choice, one pass backward, AVX-512 on XLA's thread
 pool. XLA's loop fusions read the input twice forward (the max, then the choice) and, with few channels in the
 minor dimension (LeNet-5's 6), ran unvectorised. Same values and the same choice; elsewhere (and for functions
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn.nn import onednn
-from jaxcnn.nn.materialize import materialized
+from jaxcnn.backends.cpu import kernels
+from jaxcnn.backends.cpu.materialize import materialized
 
 
 def tiles(window: tuple[int, int], strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]) -> bool:
@@ -89,7 +89,7 @@ def _native_scatter(g, choice, x_hw, window):
     """`_scatter` in the native kernel. It is linear in g, and its tangent is `_scatter` of g's tangent (XLA
     operations, which JAX can transpose), so forward mode and second derivatives work."""
     n, _, _, c = g.shape
-    return onednn.max_pool_backward(g, choice, (n, *x_hw, c), window)
+    return kernels.max_pool_backward(g, choice, (n, *x_hw, c), window)
 
 
 @_native_scatter.defjvp
@@ -113,7 +113,7 @@ def _gather(x: jax.Array, choice: jax.Array, window: tuple[int, int]) -> jax.Arr
 def _native_pool_and_choice(x, window):
     """`_pool_and_choice` in the native kernel; y's tangent is x's tangent at the chosen element (XLA operations),
     as for `lax.reduce_window`'s max, so forward mode and second derivatives work."""
-    return onednn.max_pool_forward(x, window)
+    return kernels.max_pool_forward(x, window)
 
 
 @_native_pool_and_choice.defjvp
@@ -169,7 +169,7 @@ def max_pool_tiled(x: jax.Array, window: tuple[int, int]) -> jax.Array:
     window = (int(window[0]), int(window[1]))
     if not jnp.issubdtype(x.dtype, jnp.floating):
         return _pool(x, window)
-    native = x.ndim == 4 and onednn.pool_usable(tuple(x.shape), x.dtype, window)
+    native = x.ndim == 4 and kernels.pool_usable(tuple(x.shape), x.dtype, window)
     return _max_pool_tiled(x, window, native)
 
 

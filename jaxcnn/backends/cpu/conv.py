@@ -1,7 +1,7 @@
 """2-D convolution with a hand-written VJP that XLA's CPU backend runs faster; the same mathematics.
 
-`jaxcnn.nn.functional.conv2d` (the funnel every jaxcnn convolution goes through) calls `conv2d` here, so every
-layer and model gets it by default. Forward, input gradient and filter gradient are the same XLA convolutions
+`jaxcnn.backends.conv_general_dilated` (which `jaxcnn.nn.functional.conv2d`, the funnel every jaxcnn convolution
+goes through, calls) runs `conv2d` here, so every layer and model gets it by default. Forward, input gradient and filter gradient are the same XLA convolutions
 JAX's automatic differentiation of `lax.conv_general_dilated` emits; what changes is how their operands reach
 them, and the filter gradient of grouped and depthwise convolutions:
 
@@ -21,7 +21,7 @@ them, and the filter gradient of grouped and depthwise convolutions:
   gradients), and the forward pass of one-channel inputs (the first layer of MNIST-sized nets) becomes
   ``KH * KW`` fused broadcast multiply-adds (`_conv_one_channel`).
 
-Shapes follow `functional.conv2d`: ``x: [N, H, W, Cin]``, ``kernel: [KH, KW, Cin / groups, Cout]`` (HWIO),
+Shapes follow `jaxcnn.nn.functional.conv2d`: ``x: [N, H, W, Cin]``, ``kernel: [KH, KW, Cin / groups, Cout]`` (HWIO),
 output ``[N, H_out, W_out, Cout]``. The function composes with `jax.jit`, `jax.vmap`, `jax.grad` and
 higher-order derivatives (the backward pass is made of differentiable JAX operations).
 """
@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jaxcnn.nn import onednn
-from jaxcnn.nn.materialize import materialized
+from jaxcnn.backends.cpu import kernels
+from jaxcnn.backends.cpu.materialize import materialized
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Pairs = tuple[tuple[int, int], tuple[int, int]]
@@ -212,7 +212,7 @@ _conv_fast.defvjp(_conv_fast_fwd, _conv_fast_bwd)
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def _one_channel_onednn(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pairs,
-                        dilation: tuple[int, int], geometry: onednn.Geometry) -> jax.Array:
+                        dilation: tuple[int, int], geometry: kernels.Geometry) -> jax.Array:
     """A one-channel input's convolution: the value as `_conv_one_channel`, the derivatives through oneDNN.
 
     The fused multiply-adds beat oneDNN's forward kernel for one input channel (128x32x32x1 -> 6 channels, 5x5:
@@ -230,9 +230,9 @@ def _one_channel_onednn_jvp(strides, padding, dilation, geometry, primals, tange
     y = _one_channel_onednn(x, kernel, strides, padding, dilation, geometry)
     parts = []
     if not isinstance(dx, SymbolicZero):
-        parts.append(onednn.conv2d(dx, kernel, geometry))
+        parts.append(kernels.conv2d(dx, kernel, geometry))
     if not isinstance(dkernel, SymbolicZero):
-        parts.append(onednn.conv2d(x, dkernel, geometry))
+        parts.append(kernels.conv2d(x, dkernel, geometry))
     dy = functools.reduce(jnp.add, parts) if parts else jnp.zeros_like(y)
     return y, dy
 
@@ -248,7 +248,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding
       x: ``[N, H, W, Cin]``.
       kernel: ``[KH, KW, Cin / groups, Cout]``.
       strides, dilation: ``(h, w)`` int pairs.
-      padding: resolved per-side padding ``((top, bottom), (left, right))`` (see `functional.resolve_padding`).
+      padding: resolved per-side padding ``((top, bottom), (left, right))`` (see `jaxcnn.nn.functional.resolve_padding`).
       groups: feature groups (``Cin`` for a depthwise convolution).
     Returns:
       ``[N, H_out, W_out, Cout]``, equal to ``lax.conv_general_dilated`` with the same arguments.
@@ -262,12 +262,12 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding
         kh, kw, _, cout = kernel.shape
         y_shape = (n, _out_size(h, padding[0], kh, strides[0], dilation[0]),
                    _out_size(w, padding[1], kw, strides[1], dilation[1]), cout)
-        geometry = onednn.Geometry(tuple(x.shape), tuple(kernel.shape), y_shape, strides, padding, dilation, groups,
-                                   onednn.threads_per_device())
-        if onednn.usable(geometry, x.dtype, kernel.dtype):
+        geometry = kernels.Geometry(tuple(x.shape), tuple(kernel.shape), y_shape, strides, padding, dilation, groups,
+                                   kernels.threads_per_device())
+        if kernels.usable(geometry, x.dtype, kernel.dtype):
             if groups == 1 and x.shape[3] == 1 and not _smaller_than_kernel(x.shape, kernel.shape, dilation):
                 return _one_channel_onednn(x, kernel, strides, padding, dilation, geometry)
-            return onednn.conv2d(x, kernel, geometry)
+            return kernels.conv2d(x, kernel, geometry)
     return _conv_fast(x, kernel, strides, padding, dilation, groups)
 
 

@@ -1,4 +1,4 @@
-"""jaxcnn.nn.fast_pool: tiled max pooling equals lax.reduce_window(max) in value and gradient, bit for bit.
+"""jaxcnn.backends.cpu.pool: tiled max pooling equals lax.reduce_window(max) in value and gradient, bit for bit.
 
 The gradient must go where XLA's select-and-scatter sends it: the first maximum of each window in row-major order
 for ordinary numbers, and XLA's choice around NaN and -inf. Also checked against a NumPy loop.
@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxcnn.nn import fast_pool, functional, onednn
+from jaxcnn.backends.cpu import kernels as onednn
+from jaxcnn.backends.cpu import pool as fast_pool
+from jaxcnn.nn import functional
 
 
 def plain_max_pool(x, window):

@@ -1,4 +1,4 @@
-"""jaxcnn.train.host_malloc: the memory of a jitted step stays mapped between calls (no page faults per call).
+"""jaxcnn.backends.cpu.host_malloc: the memory of a jitted step stays mapped between calls (no page faults per call).
 
 The check is the kernel's count of minor page faults (`getrusage`), not time: a compiled function whose
 temporary buffer is 64 MB faults about 16,000 pages per call under glibc's defaults (the buffer is mmapped fresh
@@ -15,11 +15,11 @@ import textwrap
 
 import pytest
 
-from jaxcnn.train import host_malloc
+from jaxcnn.backends.cpu import host_malloc
 
 PROBE = """
     import resource
-    from jaxcnn.train.xla_flags import configure_xla_cpu
+    from jaxcnn.backends.cpu.xla_flags import configure_xla_cpu
     configure_xla_cpu()
     import jax, jax.numpy as jnp
 
