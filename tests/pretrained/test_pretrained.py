@@ -8,9 +8,6 @@ give every key and shape of every supported architecture. Tests that need PyTorc
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -19,6 +16,7 @@ import numpy as np
 import pytest
 
 import torch_reference as ref
+from jaxcnn import cli
 from jaxcnn.models import create_model
 from jaxcnn.pretrained import (
     TIMM_ARCHS,
@@ -34,7 +32,6 @@ from jaxcnn.pretrained.imagenet import class_names, eval_transform
 from jaxcnn.train import transfer
 from jaxcnn.train.state import init_variables, leaf_names
 
-REPO = Path(__file__).resolve().parents[2]
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="safetensors is not installed: ./setup.sh --tests")
 
 
@@ -274,7 +271,12 @@ def test_class_names_are_torchvisions():
     assert list(class_names()) == torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
 
 
-def test_predict_command_gives_torchvisions_top5(tmp_path):
+def test_predict_errors_are_one_line(tmp_path, capsys):
+    assert cli.main(["predict", "--weights", "torchvision:resnet18", "x.png"]) == 1
+    assert "torchvision:ARCH=PATH" in capsys.readouterr().err
+
+
+def test_predict_command_gives_torchvisions_top5(tmp_path, capsys):
     _, torchvision, _ = ref.import_torch()
     from PIL import Image
 
@@ -285,17 +287,37 @@ def test_predict_command_gives_torchvisions_top5(tmp_path):
         x = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()(img).numpy().transpose(1, 2, 0)[None]
     theirs = ref.logits(torch_model, x)[0]
     top5 = np.argsort(-theirs)[:5]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [sys.executable, "-m", "jaxcnn", "predict", "--weights", f"torchvision:resnet18={tmp_path / 'r18.pth'}",
-         str(image)], capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
+    # `python -m jaxcnn predict --weights SPEC IMAGE`, in this process (the command line's own entry point)
+    assert cli.main(["predict", "--weights", f"torchvision:resnet18={tmp_path / 'r18.pth'}", str(image)]) == 0
+    stdout = capsys.readouterr().out
+    lines = stdout.strip().splitlines()
     assert lines[0] == str(image) and len(lines) == 6
     indices = [int(line.split("(")[1].split(")")[0]) for line in lines[1:]]
-    assert indices == top5.tolist(), (out.stdout, theirs[top5])
+    assert indices == top5.tolist(), (stdout, theirs[top5])
     assert lines[1].endswith(class_names()[top5[0]])
     p = np.exp(theirs - theirs.max())
     p /= p.sum()
     assert float(lines[1].split()[1]) == pytest.approx(p[top5[0]], abs=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The experiment
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_finetune_experiment_plans_three_starts_on_grey_images():
+    from jaxcnn.config import load_experiment_module
+    from jaxcnn.results.sweep import plan_sweep
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "finetune_pretrained.py"
+    doc = load_experiment_module(path).__doc__
+    assert all(field in doc for field in ("Command:", "Question:", "Runtime:", "Expected:"))
+    plan = {r.variant: cfg for r, cfg in plan_sweep(path)}
+    assert list(plan) == ["frozen", "finetune", "scratch"]
+    assert plan["scratch"].transfer.init_from is None and plan["finetune"].transfer.init_from
+    assert plan["frozen"].transfer.freeze == ("^stem", "^stage")
+    cfg = plan["finetune"]
+    model = create_model(cfg.model["name"], **{k: v for k, v in cfg.model.items() if k != "name"})
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1))))
+    assert variables["params"]["stem"]["conv"]["kernel"].shape == (7, 7, 3, 64)  # the pretrained stem fits
+    assert jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 28, 28, 1))), variables).shape == (2, 10)
