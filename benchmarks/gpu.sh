@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures issue 8 asks for, in one go (for a lent `device` machine, or any CUDA host):
+# The GPU figures, in one go (for a lent `device` machine, or any CUDA host):
 #   ResNet-18 and ResNet-50 at 224x224 and ResNet-20 at 32x32, jaxcnn against PyTorch in the same run, bfloat16
 #   compute with float32 parameters, images/s, MFU and each compile time.
 #

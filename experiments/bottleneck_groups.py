@@ -11,12 +11,13 @@ Question:  a bottleneck block (1x1 reduce, 3x3, 1x1 expand) lets a network carry
            - bottleneck-g4: its 3x3 convs grouped 4 ways at twice the inner width (16/32/64: ResNeXt's trade).
            The table's parameter and FLOP columns say what each costs.
 Runtime:   about 3-5 min on an idle 2-core CPU (8 runs; 379 s of CPU time measured; 5.6 min wall on a busy one).
-Expected:  measured (docs/results/bottleneck_groups.md; 2,000 training images, 4 epochs of batch 32, 5,000 test
-           images, mean ± sample std of 2 seeds): basic 77.16 ± 0.08% (75,002 parameters, 18.3 MFLOPs per
-           image), basic-g4 74.20 ± 0.20% (19,706, 4.7 M), bottleneck 74.07 ± 0.69% (33,498, 8.4 M),
-           bottleneck-g4 74.47 ± 0.61% (41,786, 11.4 M). The cheaper blocks give up about 3 points at a quarter
-           to a half of the cost. FLOPs are not time here: on XLA:CPU the grouped variants trained at a third
-           of the basic block's images/s despite 1.6-3.9x fewer FLOPs (rough figures, busy machine).
+Expected:  measured 2026-11-26 with jax 0.10.2 on a 2-core x86 CPU (docs/results/bottleneck_groups.md; 2,000
+           training images, 4 epochs of batch 32, 5,000 test images, mean ± sample std of 2 seeds): basic 77.16 ±
+           0.08% (75,002 parameters, 18.3 MFLOPs per image), basic-g4 74.20 ± 0.20% (19,706, 4.7 M), bottleneck
+           74.07 ± 0.69% (33,498, 8.4 M), bottleneck-g4 74.47 ± 0.61% (41,786, 11.4 M). The cheaper blocks give up
+           about 3 points at a quarter to a half of the cost. FLOPs are not time here: on XLA:CPU the grouped
+           variants trained at a third of the basic block's images/s despite 1.6-3.9x fewer FLOPs (rough figures,
+           busy machine).
 Full size: --set data.train_limit=none --set data.test_limit=none --set train.eval_every_epochs=1
            --set train.epochs=20.
 CIFAR-10:  add --set data.name=cifar10 (with the data in place; not measured here).

@@ -10,8 +10,9 @@ Question:  how far do airbench's training-side ideas go with this codebase's par
            and flip + translate test-time augmentation; mean over 5 seeds, as airbench reports.
            What this is not: airbench94 itself, whose patch-whitening first layer, identity initialisation,
            Lookahead and scaled BatchNorm biases are not reproduced here.
-Runtime:   not measured (no CIFAR-10 and no accelerator were available when this was written). On a 2-core CPU,
-           expect hours (about 0.63 GFLOPs per image forward, three times that to train: 1.97M parameters): use a GPU.
+Runtime:   not measured: no CIFAR-10 copy and no accelerator on the 2-core machine this suite is measured on. On a
+           2-core CPU, expect hours (about 0.63 GFLOPs per image forward, three times that to train: 1.97M
+           parameters): use a GPU.
 Expected:  NOT measured here. For reference, from the literature: airbench94 reaches a mean of 94.01% test
            accuracy in 3.83 s on one NVIDIA A100 (3.29 s with torch.compile) — Jordan 2024, Table 1. This recipe
            lacks several of its parts, so expect it to land below that.

@@ -9,9 +9,10 @@ Question:  does this codebase reproduce the paper's CIFAR ResNets? The recipe: S
            option-A (parameter-free) shortcuts. ResNet-110 starts at lr 0.01 in the paper until the training
            error is below 80% (about 400 iterations); here a one-epoch linear warm-up plays that part.
            Per-channel normalisation stands in for the paper's per-pixel mean subtraction.
-Runtime:   not measured (no CIFAR-10 copy and no accelerator were available when this was written). Estimate on a
-           2-core CPU at the 82 images/s measured for a ResNet-20 train step (see NOTES): 64k x 128 images is
-           about 28 hours for ResNet-20 and about 2.7x / 5.4x that for ResNet-56 / ResNet-110. Use a GPU.
+Runtime:   not measured: no CIFAR-10 copy and no accelerator on the 2-core machine this suite is measured on.
+           Estimate on a 2-core Intel Xeon at the 540-770 images/s jaxcnn trains ResNet-20 at batch 128
+           (benchmarks/README.md): 64k x 128 images is about 3-4 hours for ResNet-20 and about 2.7x / 5.4x that for
+           ResNet-56 / ResNet-110. Use a GPU.
 Expected:  from the literature, NOT measured here: test accuracy 91.25% (ResNet-20), 93.03% (ResNet-56) and
            93.57% (ResNet-110, the best of 5 runs; mean 93.39 ± 0.16) — He et al. 2016, Table 6 (errors 8.75 /
            6.97 / 6.43%, 6.61 ± 0.16 mean for ResNet-110). Parameter counts: 0.27M / 0.85M / 1.7M.

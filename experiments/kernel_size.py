@@ -10,13 +10,13 @@ Question:  VGG (Simonyan & Zisserman 2015) argued for stacks of 3x3 convolutions
            `python -m jaxcnn summary resnet20 --set stage_sizes=1,1,1 --set kernel_size=5 --input 28,28,1` shows
            each layer's receptive field.
 Runtime:   about 3-4 min on an idle 2-core CPU (10 runs; 290 s of CPU time measured; 5.3 min wall on a busy one).
-Expected:  measured (docs/results/kernel_size.md; 2,000 training images, 4 epochs of batch 32, 5,000 test
-           images, mean ± sample std of 2 seeds): k3 74.06 ± 0.25% (19,074 parameters), k5 77.64 ± 0.11%
-           (51,842), k7 77.98 ± 1.10% (100,994), k3-deep 77.04 ± 1.56% (43,490), k7-thin 76.39 ± 1.85%
-           (18,997). Everything that widens the receptive field of this shallow net (one block per stage)
-           helped: bigger kernels or more 3x3 layers, about equally at equal receptive field (k5 vs k3-deep,
-           within the noise); at equal parameters, 7x7 kernels on fewer channels were about 2 points above 3x3
-           (with only 2 seeds and a spread of 1.9 points for k7-thin: suggestive, not conclusive).
+Expected:  measured 2026-11-26 with jax 0.10.2 on a 2-core x86 CPU (docs/results/kernel_size.md; 2,000 training
+           images, 4 epochs of batch 32, 5,000 test images, mean ± sample std of 2 seeds): k3 74.06 ± 0.25% (19,074
+           parameters), k5 77.64 ± 0.11% (51,842), k7 77.98 ± 1.10% (100,994), k3-deep 77.04 ± 1.56% (43,490),
+           k7-thin 76.39 ± 1.85% (18,997). Everything that widens the receptive field of this shallow net (one block
+           per stage) helped: bigger kernels or more 3x3 layers, about equally at equal receptive field (k5 vs
+           k3-deep, within the noise); at equal parameters, 7x7 kernels on fewer channels were about 2 points above
+           3x3 (with only 2 seeds and a spread of 1.9 points for k7-thin: suggestive, not conclusive).
 Full size: --set data.train_limit=none --set data.test_limit=none --set train.eval_every_epochs=1
            --set train.epochs=20.
 CIFAR-10:  add --set data.name=cifar10 (with the data in place; not measured here).

@@ -14,8 +14,9 @@ Question:  do features learned on digits help on clothes when few labelled cloth
              unfreeze   MNIST weights, backbone frozen for the first 100 steps, then trained
                         (`transfer.unfreeze_at_epoch` = 100 steps).
            Test accuracy on all 10,000 Fashion-MNIST test images, mean ± sample std over 3 seeds.
-Runtime:   measured (jax 0.10.2, Python 3.11): 17.5 min wall on 2 CPU cores that were shared with other jobs
-           (load average about 13), 6.8 min of CPU time; 25 runs (pre-training 936 steps, then 24 fine-tunings).
+Runtime:   measured 2026-11-26 (jax 0.10.2, Python 3.11): 17.5 min wall on 2 CPU cores that were shared with other
+           jobs (load average about 13), 6.8 min of CPU time; 25 runs (pre-training 936 steps, then 24
+           fine-tunings).
 Expected:  (measured; docs/results/transfer_mnist_to_fashion.md) MNIST pre-training reaches 98.99%. Pre-training
            on digits does NOT help here: fine-tuning matches training from scratch, and a frozen digit backbone
            costs 1-4 points.
