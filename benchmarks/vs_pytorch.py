@@ -1,33 +1,41 @@
-"""jaxcnn against PyTorch eager: the same models trained side by side on the same device, alternately.
+"""jaxcnn against PyTorch in the configurations a PyTorch user picks, trained side by side, alternately.
 
     python benchmarks/vs_pytorch.py                                   # resnet20, lenet5, mlp, vgg11 at batch 128
-    python benchmarks/vs_pytorch.py --models resnet20 --steps 10 --rounds 7
-    python benchmarks/vs_pytorch.py --models resnet20 --torch-layout channels_last
+    python benchmarks/vs_pytorch.py --models resnet20 --dtype float32,bfloat16 --rounds 7
+    python benchmarks/vs_pytorch.py --models resnet20 --torch-configs eager,compile+channels_last
     python benchmarks/vs_pytorch.py --models resnet18,resnet50,resnet20 --dtype bfloat16 --batch 256   # on a GPU
 
 Both sides train the same network (benchmarks/torch_models.py holds the PyTorch twins, with jaxcnn's widths,
-paddings, biases and BatchNorm settings) with the same batch, float32, softmax cross-entropy, and SGD with
-Nesterov momentum 0.9 and weight decay 5e-4 on every parameter. Both start from uint8 batches already in memory
-and turn them into normalised floats inside the step. jaxcnn runs the train step `jaxcnn train` runs
-(benchmarks/train_throughput.py builds it); PyTorch runs a plain eager loop (zero_grad, forward, loss,
-backward, step) with `torch.set_num_threads(os.cpu_count())` (2 on the 2-core benchmark machine).
+paddings, biases and BatchNorm settings) with the same batch, softmax cross-entropy, and SGD with Nesterov
+momentum 0.9 and weight decay 5e-4 on every parameter. Both start from uint8 batches already in memory and turn
+them into normalised floats inside the step. jaxcnn runs the train step `jaxcnn train` runs
+(benchmarks/train_throughput.py builds it); PyTorch runs a plain loop (zero_grad, forward, loss, backward, step)
+with `torch.set_num_threads(os.cpu_count())` (2 on the 2-core benchmark machine), in each of `--torch-configs`:
 
-Timing: compile / warm-up steps first, then `--rounds` rounds; in each round jaxcnn trains `--steps` steps, then
-PyTorch trains `--steps` steps, so both see the same machine load. Printed: the median images/s of each side, the
-ratio of the medians and the median of the per-round ratios. PyTorch is optional (`pip install torch==2.13.0`);
-without it only the jaxcnn figures are printed.
+    eager                   the model as built (NCHW memory)
+    channels_last           model and inputs in torch.channels_last (NHWC) memory, jaxcnn's layout
+    compile                 torch.compile(model) (inductor; on the CPU it needs a C++ compiler)
+    compile+channels_last   both: what a PyTorch user who wants speed on a CPU writes
 
-PyTorch runs in a child process of its own, driven round by round from here (over its stdin and stdout), so that
-its allocator state is its own; `--torch-python` runs that process with another interpreter, so that jaxcnn on a
-Python without a PyTorch wheel (3.12 here: jax 0.12) still meets PyTorch in the same run:
+`--dtype` takes float32, bfloat16 or both (comma-separated). bfloat16 means bfloat16 compute with float32
+parameters on both sides: jaxcnn's `train.compute_dtype=bfloat16` models, and every PyTorch configuration under
+`torch.autocast(device, dtype=torch.bfloat16)`. Every jaxcnn figure is printed with its ratio to the best PyTorch
+figure of the same dtype in the same run.
 
-    /root/.pyenv/versions/3.12.1/bin/python benchmarks/vs_pytorch.py --torch-python python3.11
+Timing: compile / warm-up steps first, then `--rounds` rounds; in each round every side (each dtype of jaxcnn,
+each PyTorch configuration and dtype) trains `--steps` steps in turn, so all see the same machine load. Printed:
+the median images/s of each side, and for jaxcnn the ratio of its median to the best PyTorch median of its dtype
+and the median of the per-round ratios against that configuration. PyTorch is optional (`pip install
+torch==2.13.0`); without it only the jaxcnn figures are printed.
 
-Both sides run with glibc's default malloc settings, as each library runs for its users. `--torch-malloc`
-chooses: 'default' (glibc's defaults), 'jaxcnn' (jaxcnn.backends.configure_process's opt-in settings applied in
-PyTorch's process, before it imports torch; they speed up PyTorch's larger nets too), or 'both' (two PyTorch
-processes, both timed in every round; the ratio is against 'default', and the 'jaxcnn' figure is printed
-beside it).
+Each PyTorch configuration runs in a child process of its own, driven round by round from here (over its stdin and
+stdout), so that its allocator state and compiled code are its own; `--torch-python` runs those processes with
+another interpreter, so that jaxcnn on a Python without a PyTorch wheel still meets PyTorch in the same run:
+
+    /work/py312/bin/python benchmarks/vs_pytorch.py --torch-python python3.11
+
+Both sides run with glibc's default malloc settings, as each library runs for its users. `--torch-malloc jaxcnn`
+applies jaxcnn.backends.configure_process's opt-in settings in PyTorch's processes instead, before they import torch.
 """
 
 from __future__ import annotations
@@ -50,15 +58,22 @@ from train_throughput import BENCH_MODELS, LR, MOMENTUM, WEIGHT_DECAY, bench_spe
 DEFAULT_MODELS = ("resnet20", "lenet5", "mlp", "vgg11")
 
 
+# PyTorch configuration -> (channels_last, torch.compile).
+TORCH_CONFIGS = {"eager": (False, False), "channels_last": (True, False), "compile": (False, True),
+                 "compile+channels_last": (True, True)}
+
+
 class TorchTrainer:
     """The PyTorch twin of a benchmark model with its optimizer and uint8 batches; `run(n)` trains n steps.
 
     dtype 'bfloat16' runs the step under `torch.autocast` (bfloat16 compute, float32 parameters), as jaxcnn's
-    `dtype='bfloat16'` models do; device: 'cpu' or 'cuda'.
+    `dtype='bfloat16'` models do; compile: the forward pass through `torch.compile` (its backward follows);
+    device: 'cpu' or 'cuda'.
     """
 
-    def __init__(self, name: str, batch_size: int, *, channels_last: bool = False, seed: int = 0,
-                 num_batches: int = 4, image_size: int = 224, dtype: str = "float32", device: str = "cpu") -> None:
+    def __init__(self, name: str, batch_size: int, *, channels_last: bool = False, compile: bool = False,
+                 seed: int = 0, num_batches: int = 4, image_size: int = 224, dtype: str = "float32",
+                 device: str = "cpu") -> None:
         import numpy as np
         import torch
 
@@ -71,6 +86,7 @@ class TorchTrainer:
         self.autocast = dtype == "bfloat16"
         self.model = make_torch_model(name, knobs["num_classes"], channels_last=channels_last).to(self.device)
         self.params = param_count(self.model)
+        self.forward = torch.compile(self.model) if compile else self.model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
                                    weight_decay=WEIGHT_DECAY)
         self.loss = torch.nn.CrossEntropyLoss()
@@ -93,7 +109,7 @@ class TorchTrainer:
             x = ((images.float() / 255.0 - self.mean) / self.std).contiguous(memory_format=self.memory_format)
             self.opt.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss = self.loss(self.model(x), labels)
+                loss = self.loss(self.forward(x), labels)
             loss.backward()
             self.opt.step()
             self.step += 1
@@ -208,24 +224,31 @@ class TorchProcess:
         self.process.stdout.close()
 
 
-def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, torch_layout: str,
-            torch_mallocs: tuple[str, ...], *, image_size: int = 224, dtype: str = "float32",
+def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, *, dtypes: tuple[str, ...] = ("float32",),
+            torch_configs: tuple[str, ...] = (), torch_malloc: str = "default", image_size: int = 224,
             torch_device: str = "cpu", torch_python: str | None = None) -> dict[str, Any]:
-    """Trains `name` with jaxcnn and with PyTorch (one child process per entry of `torch_mallocs`, none when
-    empty) alternately; returns the per-round images/s of each side, keyed 'jax' and 'torch/<malloc>'.
+    """Trains `name` with jaxcnn (one trainer per dtype) and with PyTorch (one child process per configuration of
+    `TORCH_CONFIGS` and dtype; none when `torch_configs` is empty), alternately; returns the per-round images/s of
+    each side, keyed (side, dtype) with side 'jaxcnn' or a PyTorch configuration.
 
     image_size applies to the ImageNet nets (resnet18, resnet50); dtype 'bfloat16' = bfloat16 compute with float32
     parameters on both sides."""
-    jax_trainer = make_jax_trainer(name, batch_size, dtype=dtype, image_size=image_size)
-    jax_trainer.run(warmup)
-    sides: dict[str, Any] = {"jax": jax_trainer}
+    sides: dict[tuple[str, str], Any] = {}
+    compile_s: dict[str, float] = {}
     try:
-        for malloc in torch_mallocs:
-            sides[f"torch/{malloc}"] = TorchProcess(name, batch_size, channels_last=torch_layout == "channels_last",
-                                                    malloc=malloc, python=torch_python, image_size=image_size,
-                                                    dtype=dtype, device=torch_device)
-            sides[f"torch/{malloc}"].run(warmup)
-        rates: dict[str, list[float]] = {key: [] for key in sides}
+        for dtype in dtypes:
+            trainer = make_jax_trainer(name, batch_size, dtype=dtype, image_size=image_size)
+            trainer.run(warmup)
+            sides[("jaxcnn", dtype)], compile_s[dtype] = trainer, trainer.compile_s
+        for dtype in dtypes:
+            for config in torch_configs:
+                channels_last, compiled = TORCH_CONFIGS[config]
+                child = TorchProcess(name, batch_size, channels_last=channels_last, compile=compiled,
+                                     malloc=torch_malloc, python=torch_python, image_size=image_size, dtype=dtype,
+                                     device=torch_device)
+                sides[(config, dtype)] = child
+                child.run(warmup)  # torch.compile compiles here
+        rates: dict[tuple[str, str], list[float]] = {key: [] for key in sides}
         for _ in range(rounds):
             for key, trainer in sides.items():
                 t0 = time.perf_counter()
@@ -233,14 +256,50 @@ def compare(name: str, batch_size: int, steps: int, rounds: int, warmup: int, to
                 rates[key].append(steps * batch_size / (time.perf_counter() - t0))
     finally:
         for key, trainer in sides.items():
-            if key != "jax":
+            if key[0] != "jaxcnn":
                 trainer.close()  # never raises: a child that does not end is killed
-    children = [trainer for key, trainer in sides.items() if key != "jax"]
-    torch_params = {child.params for child in children}
-    return {"rates": rates, "compile_s": jax_trainer.compile_s, "jax_params": jax_trainer.params,
-            "torch_params": torch_params.pop() if len(torch_params) == 1 else None,
+    children = [trainer for key, trainer in sides.items() if key[0] != "jaxcnn"]
+    jax_params = next(trainer.params for key, trainer in sides.items() if key[0] == "jaxcnn")
+    return {"rates": rates, "compile_s": compile_s, "jax_params": jax_params,
+            "torch_params": sorted({child.params for child in children}),
             "torch_version": children[0].version if children else None,
             "torch_python": children[0].python if children else None}
+
+
+def best_torch(rates: dict[tuple[str, str], list[float]], dtype: str) -> str | None:
+    """The PyTorch configuration with the highest median images/s in `dtype` (None when PyTorch did not run)."""
+    medians = {key[0]: statistics.median(r) for key, r in rates.items() if key[0] != "jaxcnn" and key[1] == dtype}
+    return max(medians, key=medians.get) if medians else None
+
+
+def report_lines(name: str, r: dict[str, Any], dtypes: tuple[str, ...], flops: float = 0.0,
+                 peak: float | None = None) -> list[str]:
+    """One line per side: jaxcnn's with its ratio to the best PyTorch configuration of the same dtype."""
+    lines = []
+    mfu = (lambda rate: f", MFU {rate * flops / (peak * 1e12):.1%}") if peak else (lambda rate: "")
+    for dtype in dtypes:
+        jax_rates = r["rates"][("jaxcnn", dtype)]
+        jax_median = statistics.median(jax_rates)
+        line = (f"{name:9s} {dtype:8s} jaxcnn                {jax_median:9,.1f} images/s "
+                f"(compile {r['compile_s'][dtype]:.1f} s{mfu(jax_median)})")
+        best = best_torch(r["rates"], dtype)
+        if best is not None:
+            torch_rates = r["rates"][(best, dtype)]
+            per_round = statistics.median(j / t for j, t in zip(jax_rates, torch_rates))
+            line += (f" | ratio {jax_median / statistics.median(torch_rates):.2f}x to the best PyTorch ({best}; "
+                     f"median per-round ratio {per_round:.2f}x)")
+        lines.append(line)
+        for (config, d), rates in r["rates"].items():
+            if config != "jaxcnn" and d == dtype:
+                median = statistics.median(rates)
+                lines.append(f"{name:9s} {dtype:8s} PyTorch {config:21s} {median:9,.1f} images/s"
+                             + (f" ({mfu(median)[2:]})" if peak else "") + (" (best)" if config == best else ""))
+    if any(count != r["jax_params"] for count in r["torch_params"]):
+        lines.append(f"{name:9s} PARAMETER COUNTS DIFFER: jaxcnn {r['jax_params']:,}, PyTorch {r['torch_params']}")
+    if r["torch_version"]:
+        lines.append(f"{name:9s} torch {r['torch_version']} (Python {r['torch_python']}), "
+                     f"{r['jax_params']:,} parameters on both sides")
+    return lines
 
 
 # Dense bfloat16 peak TFLOP/s by device kind (vendor figures, no sparsity), for MFU; --peak-tflops overrides.
@@ -267,9 +326,6 @@ def peak_tflops(given: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in kind.lower()), None)
 
 
-TORCH_MALLOCS = {"default": ("default",), "jaxcnn": ("jaxcnn",), "both": ("default", "jaxcnn")}
-
-
 DEFAULT_STEPS = {"resnet20": 10, "resnet56": 5, "vgg11": 5, "lenet5": 50, "mlp": 50, "resnet18": 5, "resnet50": 5}
 
 
@@ -287,17 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side; medians are reported")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side after compilation")
     parser.add_argument("--image-size", type=int, default=224, help="input size of resnet18 / resnet50")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="compute dtype on both sides (bfloat16: float32 parameters, torch.autocast)")
+    parser.add_argument("--dtype", default="float32",
+                        help="compute dtypes, comma-separated: float32, bfloat16 or both (bfloat16: float32 "
+                             "parameters, torch.autocast on PyTorch's side)")
     parser.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: cuda when jax runs on a GPU and PyTorch sees one, else cpu")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for MFU (default: a table of bfloat16 peaks by device kind)")
-    parser.add_argument("--torch-layout", default="nchw", choices=("nchw", "channels_last"),
-                        help="PyTorch memory format (nchw: PyTorch's default)")
-    parser.add_argument("--torch-malloc", default="default", choices=tuple(TORCH_MALLOCS),
-                        help="glibc malloc settings of the PyTorch process (see above); the ratio is against "
-                             "'default' when it runs")
+    parser.add_argument("--torch-configs", default=",".join(TORCH_CONFIGS),
+                        help=f"PyTorch configurations, comma-separated, from {', '.join(TORCH_CONFIGS)} (default: all)")
+    parser.add_argument("--torch-malloc", default="default", choices=("default", "jaxcnn"),
+                        help="glibc malloc settings of the PyTorch processes (see above)")
     parser.add_argument("--torch-python", default=None, metavar="PYTHON",
                         help="the interpreter PyTorch's process runs (default: this one), e.g. a Python 3.11 with "
                              "torch==2.13.0 beside jaxcnn on a Python that has no PyTorch wheel; it needs numpy and "
@@ -308,6 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if name not in DEFAULT_STEPS:
             parser.error(f"--models: unknown model {name!r}; choose from {', '.join(DEFAULT_STEPS)}")
+    dtypes = tuple(d.strip() for d in args.dtype.split(",") if d.strip())
+    for dtype in dtypes:
+        if dtype not in ("float32", "bfloat16"):
+            parser.error(f"--dtype: unknown dtype {dtype!r}; choose float32, bfloat16 or float32,bfloat16")
+    configs = tuple(c.strip() for c in args.torch_configs.split(",") if c.strip())
+    for config in configs:
+        if config not in TORCH_CONFIGS:
+            parser.error(f"--torch-configs: unknown configuration {config!r}; choose from {', '.join(TORCH_CONFIGS)}")
 
     from jaxcnn.backends import configure_process
 
@@ -315,46 +379,28 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     missing = "--no-torch given" if args.no_torch else torch_available(args.torch_python)
-    mallocs = TORCH_MALLOCS[args.torch_malloc] if missing is None else ()
+    if missing is not None:
+        configs = ()
     torch_device = args.torch_device
     if torch_device == "auto":
         torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     peak = peak_tflops(args.peak_tflops) if jax.default_backend() != "cpu" or args.peak_tflops else None
     print(machine_line())
     if missing is None:
-        print(f"PyTorch eager ({args.torch_layout}) on {torch_device}, {os.cpu_count() or 1} CPU threads, in child "
-              f"processes with malloc settings: {', '.join(mallocs)}"
+        print(f"PyTorch on {torch_device}, {os.cpu_count() or 1} CPU threads, one child process per configuration "
+              f"and dtype ({', '.join(configs)}), malloc settings: {args.torch_malloc}"
               + (f", run by {args.torch_python}" if args.torch_python else ""))
     else:
         print(f"PyTorch: unavailable ({missing})")
-    print(f"batch {args.batch}, {args.dtype} compute, SGD-Nesterov + weight decay, {args.rounds} alternating rounds"
-          + (f"; MFU against {peak:g} TFLOP/s" if peak else ""))
+    print(f"batch {args.batch}, {' and '.join(dtypes)} compute, SGD-Nesterov + weight decay, {args.rounds} "
+          f"alternating rounds" + (f"; MFU against {peak:g} TFLOP/s" if peak else ""))
     for name in names:
         steps = args.steps or DEFAULT_STEPS[name]
-        r = compare(name, args.batch, steps, args.rounds, args.warmup, args.torch_layout, mallocs,
-                    image_size=args.image_size, dtype=args.dtype, torch_device=torch_device,
+        r = compare(name, args.batch, steps, args.rounds, args.warmup, dtypes=dtypes, torch_configs=configs,
+                    torch_malloc=args.torch_malloc, image_size=args.image_size, torch_device=torch_device,
                     torch_python=args.torch_python)
-        jax_rates = r["rates"]["jax"]
-        jax_median = statistics.median(jax_rates)
         flops = train_flops_per_image(name, args.image_size) if peak else 0.0  # only where MFU is printed
-        line = f"{name:9s} jaxcnn {jax_median:9,.1f} images/s (compile {r['compile_s']:.1f} s"
-        if peak:
-            line += f", MFU {jax_median * flops / (peak * 1e12):.1%}"
-        line += ")"
-        for malloc in mallocs:
-            torch_rates = r["rates"][f"torch/{malloc}"]
-            torch_median = statistics.median(torch_rates)
-            per_round = statistics.median(j / t for j, t in zip(jax_rates, torch_rates))
-            label = "PyTorch" if malloc == "default" else f"PyTorch ({malloc} malloc)"
-            line += f" | {label} {torch_median:9,.1f} images/s"
-            if peak:
-                line += f" (MFU {torch_median * flops / (peak * 1e12):.1%})"
-            line += f" | ratio {jax_median / torch_median:.2f}x (median per-round ratio {per_round:.2f}x)"
-        if mallocs and r["jax_params"] != r["torch_params"]:
-            line += f" | PARAMETER COUNTS DIFFER: jaxcnn {r['jax_params']:,}, PyTorch {r['torch_params']}"
-        if r["torch_version"]:
-            line += f" | torch {r['torch_version']} (Python {r['torch_python']})"
-        print(line, flush=True)
+        print("\n".join(report_lines(name, r, dtypes, flops, peak)), flush=True)
     return 0
 
 

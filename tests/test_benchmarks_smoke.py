@@ -29,14 +29,53 @@ def test_train_throughput_prints_compile_time_and_images_per_second():
 @pytest.mark.slow
 def test_vs_pytorch_prints_both_sides_or_says_pytorch_is_missing():
     out = run_script("benchmarks/vs_pytorch.py", "--models", "mlp,lenet5", "--batch", "8", "--steps", "2",
-                     "--rounds", "2", "--warmup", "1")
-    assert out.count("jaxcnn") >= 2
+                     "--rounds", "2", "--warmup", "1", "--dtype", "float32,bfloat16",
+                     "--torch-configs", "eager,channels_last")
+    jax_lines = [line.split() for line in out.splitlines() if line.split()[2:3] == ["jaxcnn"]]
+    expected = {(m, d) for m in ("mlp", "lenet5") for d in ("float32", "bfloat16")}
+    assert {(row[0], row[1]) for row in jax_lines} == expected
     try:
         import torch  # noqa: F401
     except ImportError:
         assert "PyTorch: unavailable" in out
     else:
-        assert "ratio" in out and "PARAMETER COUNTS DIFFER" not in out
+        # Every jaxcnn line names its ratio to the best PyTorch configuration of its dtype; each side has a line.
+        assert all("ratio" in row and "the best PyTorch" in " ".join(row) for row in jax_lines)
+        torch_lines = {tuple(line.split()[:4]) for line in out.splitlines() if line.split()[2:3] == ["PyTorch"]}
+        assert torch_lines == {(m, d, "PyTorch", c) for m, d in expected for c in ("eager", "channels_last")}
+        assert "PARAMETER COUNTS DIFFER" not in out
+
+
+def test_vs_pytorch_rejects_an_unknown_configuration_or_dtype():
+    for args, message in [(("--torch-configs", "eager,jit"), "--torch-configs: unknown configuration 'jit'"),
+                          (("--dtype", "float16"), "--dtype: unknown dtype 'float16'")]:
+        result = subprocess.run([sys.executable, "benchmarks/vs_pytorch.py", *args], cwd=REPO, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr
+
+
+def test_best_torch_configuration_is_chosen_per_dtype():
+    vs_pytorch = _vs_pytorch()
+    rates = {("jaxcnn", "float32"): [100.0], ("eager", "float32"): [50.0, 60.0, 55.0],
+             ("compile", "float32"): [80.0, 70.0, 90.0], ("eager", "bfloat16"): [200.0],
+             ("compile", "bfloat16"): [150.0]}
+    assert vs_pytorch.best_torch(rates, "float32") == "compile"
+    assert vs_pytorch.best_torch(rates, "bfloat16") == "eager"
+    lines = vs_pytorch.report_lines("m", {"rates": rates, "compile_s": {"float32": 1.0}, "jax_params": 5,
+                                          "torch_params": [5], "torch_version": "2", "torch_python": "3"},
+                                    ("float32",))
+    assert "ratio 1.25x to the best PyTorch (compile; median per-round ratio 1.25x)" in lines[0]
+    assert any("compile" in line and "(best)" in line for line in lines[1:])
+
+
+@pytest.mark.slow
+def test_torch_compile_with_channels_last_and_autocast_trains():
+    """The configuration a PyTorch user picks for speed runs here (inductor needs a C++ compiler on the CPU)."""
+    pytest.importorskip("torch")
+    trainer = _vs_pytorch().TorchTrainer("mlp", 4, compile=True, channels_last=True, dtype="bfloat16")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.run(2)
+    assert all(not (a == p).all() for a, p in zip(before, trainer.model.parameters()))
 
 
 def _vs_pytorch():
@@ -166,7 +205,8 @@ def test_vs_pytorch_imagenet_resnet_in_bfloat16_prints_mfu():
     """The GPU comparison's command, cut to a tiny input on the CPU: ResNet-18 twins agree on the parameter count
     (11,689,512 at 1000 classes) and the MFU column is printed."""
     out = run_script("benchmarks/vs_pytorch.py", "--models", "resnet18", "--image-size", "32", "--batch", "2",
-                     "--steps", "1", "--rounds", "1", "--warmup", "1", "--dtype", "bfloat16", "--peak-tflops", "1")
+                     "--steps", "1", "--rounds", "1", "--warmup", "1", "--dtype", "bfloat16", "--peak-tflops", "1",
+                     "--torch-configs", "eager")
     assert "resnet18" in out and "MFU" in out and "bfloat16 compute" in out
     assert "PARAMETER COUNTS DIFFER" not in out
 

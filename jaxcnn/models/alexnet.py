@@ -66,7 +66,7 @@ class AlexNet(ClassifierBase):
             x = block(self.scaled(channels), k, strides=strides, padding=padding, pool_follows=i + 1 in self.pool_after,
                       name=f"{name}_conv")(x)
             if i + 1 in self.pool_after:
-                x = layers.Pool2d(self.pool, window=3, strides=2, name=f"{name}_pool")(x)
+                x = layers.Pool2d(self.pool, window_shape=3, strides=2, name=f"{name}_pool")(x)
             features[name] = x
         return self.classify(x, train, features, return_features)
 

@@ -58,7 +58,7 @@ class GoogLeNet(ClassifierBase):
 
         def pool(y: jax.Array, name: str, window: int = 3) -> jax.Array:
             check_downsample(y, 2, f"GoogLeNet {name} (input {input_shape})")
-            return layers.Pool2d(self.pool, window=window, strides=2, padding="same", name=name)(y)
+            return layers.Pool2d(self.pool, window_shape=window, strides=2, padding="same", name=name)(y)
 
         def inception(y: jax.Array, key: str) -> jax.Array:
             return InceptionBlock(*_INCEPTION[key], kernel5=self.kernel5, pool=self.pool, conv_block=cb,

@@ -70,6 +70,6 @@ class LeNet5(ClassifierBase):
             xla_pool = self.downsample == "pool" and self.pool != "max"  # 2x2 max pools: jaxcnn's native kernel
             x = norm_act(norm, self.act_fn, name=f"{k}_norm", pool_follows=xla_pool)(x)
             if self.downsample == "pool":
-                x = layers.Pool2d(self.pool, window=2, strides=2, name=f"{k}_pool")(x)
+                x = layers.Pool2d(self.pool, window_shape=2, strides=2, name=f"{k}_pool")(x)
             features[k] = x
         return self.classify(x, train, features, return_features)

@@ -46,7 +46,7 @@ class NiN(ClassifierBase):
             x = NiNBlock(tuple(self.scaled(c) for c in channels), k, conv=conv, norm=norm, act=act, name=name)(x)
             if i < 2:
                 check_downsample(x, 2, f"NiN {name} pool (input {input_shape})")
-                x = layers.Pool2d(self.pool, window=3, strides=2, padding="same", name=f"{name}_pool")(x)
+                x = layers.Pool2d(self.pool, window_shape=3, strides=2, padding="same", name=f"{name}_pool")(x)
                 x = nn.Dropout(self.dropout)(x, deterministic=not train)
             features[name] = x
         return self.classify(x, train, features, return_features)

@@ -128,7 +128,7 @@ class ResNet(ClassifierBase):
             x = ConvNormAct(self.stem_width, 7, strides=2, conv=conv, norm=norm, act=act, pool_follows=True,
                             name="stem")(x)
             check_downsample(x, 2, f"{name} stem pool (input {input_shape})")
-            x = layers.Pool2d(self.pool, window=3, strides=2, padding=1, name="stem_pool")(x)
+            x = layers.Pool2d(self.pool, window_shape=3, strides=2, padding=1, name="stem_pool")(x)
         elif self.preact:
             x = conv(self.stem_width, kernel_size=3, padding=conv_padding(3), name="stem")(x)
         else:
@@ -149,7 +149,7 @@ class ResNet(ClassifierBase):
             where = f"{name} {stage} (input {input_shape})"
             check_downsample(x, strides, where)
             if strides > 1 and self.downsample == "pool":
-                x = layers.Pool2d(self.pool, window=2, strides=2, name=f"{stage}_pool")(x)
+                x = layers.Pool2d(self.pool, window_shape=2, strides=2, name=f"{stage}_pool")(x)
                 strides = 1
             for j in range(size):
                 x = block(self.scaled(planes), strides=strides if j == 0 else 1, name=f"{stage}_block{j + 1}")(

@@ -70,7 +70,7 @@ class VGG(ClassifierBase):
                 x = block(self.scaled(channels), strides=strides, pool_follows=pooled, name=f"{stage}_conv{j + 1}")(x)
             if self.downsample == "pool":
                 check_downsample(x, 2, f"VGG {stage} pool (input {input_shape})")
-                x = layers.Pool2d(self.pool, window=2, strides=2, name=f"{stage}_pool")(x)
+                x = layers.Pool2d(self.pool, window_shape=2, strides=2, name=f"{stage}_pool")(x)
             features[stage] = x
         return self.classify(x, train, features, return_features)
 
