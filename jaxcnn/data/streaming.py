@@ -199,8 +199,8 @@ def prefetch_to_device(
 
 def _mark_absl_flags_parsed() -> None:
     """grain <= 0.2.18's worker processes read an absl flag, which raises UnparsedFlagAccessError in programs
-    that do not start through absl.app (google/grain#1355, fixed upstream by google/grain#1362). Marking the flags parsed
-    keeps every flag at its default, as grain intends in that state."""
+    that do not start through absl.app (google/grain#1355, fixed upstream by google/grain#1362). Marking the
+    flags parsed keeps every flag at its default, as grain intends in that state."""
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
