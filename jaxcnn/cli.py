@@ -138,9 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--weights", required=True, metavar="SPEC",
                     help="torchvision:ARCH=PATH, timm:ARCH=PATH or hf-hub:REPO, e.g. hf-hub:timm/resnet50.a1_in1k")
     pr.add_argument("--top", type=int, default=5, help="classes shown per image (default 5)")
-    pr.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop (default 256)")
-    pr.add_argument("--crop", type=int, default=224, help="centre crop size (default 224)")
-    pr.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "nearest"))
+    pr.add_argument("--resize", type=int, help="shorter side before the centre crop (default 256, or timm's setting "
+                    "for hf-hub weights)")
+    pr.add_argument("--crop", type=int, help="centre crop size (default 224, or timm's input size for hf-hub weights)")
+    pr.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"),
+                    help="resize filter (default bilinear, or timm's for hf-hub weights)")
     pr.set_defaults(func=_cmd_predict)
     return p
 

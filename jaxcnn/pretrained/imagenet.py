@@ -3,7 +3,8 @@
     names = class_names()                           # ['tench', 'goldfish', ...], index = logit
     x = eval_transform(PIL.Image.open(path))        # float32 [224, 224, 3], normalised
     x = eval_transform(img, resize=232)             # torchvision's IMAGENET1K_V2 weights
-    x = eval_transform(img, resize=235, interpolation="bicubic")   # timm's resnet50.a1_in1k (crop_pct 0.95)
+    x = eval_transform(img, **timm_transform(pretrained_cfg))      # timm's settings: resnet50.a1_in1k resizes to
+                                                                   # 235 (crop_pct 0.95), bicubic
 
 The class names are torchvision's (``ResNet50_Weights.IMAGENET1K_V1.meta['categories']``), stored in
 ``imagenet_classes.txt`` beside this file.
@@ -12,6 +13,7 @@ The class names are torchvision's (``ResNet50_Weights.IMAGENET1K_V1.meta['catego
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +63,21 @@ def eval_transform(image: Any, *, resize: int = 256, crop: int = 224, interpolat
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def timm_transform(pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
+    """`eval_transform`'s arguments from a timm ``pretrained_cfg`` (the ``pretrained_cfg`` of a hub repo's
+    config.json), as timm's evaluation transform uses it: crop = the input size, shorter side resized to
+    ``floor(crop / crop_pct)`` with its interpolation, its mean and std."""
+    crop = int(pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    interpolation = pretrained_cfg.get("interpolation", "bilinear")
+    return {
+        "crop": crop,
+        "resize": math.floor(crop / float(pretrained_cfg.get("crop_pct", 0.875))),
+        "interpolation": interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
+        "mean": tuple(pretrained_cfg.get("mean", MEAN)),
+        "std": tuple(pretrained_cfg.get("std", STD)),
+    }
+
+
 def load_image(path: str | Path, **transform: Any) -> np.ndarray:
     """`eval_transform` of the image file at `path` (any format PIL reads)."""
     from PIL import Image, UnidentifiedImageError
@@ -74,4 +91,4 @@ def load_image(path: str | Path, **transform: Any) -> np.ndarray:
         raise ValueError(f"{path}: not an image file PIL can read") from None
 
 
-__all__ = ["MEAN", "STD", "class_names", "eval_transform", "load_image", "resized_size"]
+__all__ = ["MEAN", "STD", "class_names", "eval_transform", "load_image", "resized_size", "timm_transform"]

@@ -11,6 +11,7 @@ then reads it as a jaxcnn run folder or exported file.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -103,7 +104,12 @@ def hub_file(repo: str) -> Path:
     if not constants.HF_HUB_OFFLINE:
         for filename in HUB_FILES:
             try:
-                return Path(hf_hub_download(repo, filename))
+                path = Path(hf_hub_download(repo, filename))
+                try:  # timm's evaluation settings, for `predict` (hub_pretrained_cfg reads them from the cache)
+                    hf_hub_download(repo, "config.json")
+                except OSError:
+                    pass
+                return path
             except LocalEntryNotFoundError as e:  # no network (after huggingface_hub's retries): stop here
                 error = e
                 break
@@ -112,11 +118,28 @@ def hub_file(repo: str) -> Path:
             except OSError as e:  # other HTTP errors (unknown or gated repo)
                 error = e
                 break
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set, so no download was tried"
+    else:
+        why = (f"the download failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
+               "HF_HUB_OFFLINE=1 skips the download attempt)")
     raise FileNotFoundError(
-        f"hf-hub:{repo}: no {' or '.join(HUB_FILES)} in the Hugging Face cache and the download failed "
-        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+        f"hf-hub:{repo}: no {' or '.join(HUB_FILES)} in the Hugging Face cache, and {why}. "
         + _hub_help(repo, constants.HF_HUB_CACHE)
     )
+
+
+def hub_pretrained_cfg(repo: str) -> dict | None:
+    """The ``pretrained_cfg`` of a timm hub repo's config.json (input size, crop_pct, interpolation, mean, std) from
+    the Hugging Face cache (`hub_file` puts it there with the weights); None where it is not cached."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        config = json.loads(Path(hf_hub_download(repo, "config.json", local_files_only=True)).read_text())
+    except (ImportError, OSError, ValueError):  # no huggingface_hub / not cached / not JSON
+        return None
+    cfg = config.get("pretrained_cfg") if isinstance(config, dict) else None
+    return cfg if isinstance(cfg, dict) else None
 
 
 def weights_file(spec: WeightsSpec) -> Path:
@@ -133,4 +156,5 @@ def weights_file(spec: WeightsSpec) -> Path:
     return path
 
 
-__all__ = ["PREFIXES", "WeightsSpec", "hub_file", "is_weights_spec", "parse_spec", "weights_file"]
+__all__ = ["PREFIXES", "WeightsSpec", "hub_file", "hub_pretrained_cfg", "is_weights_spec", "parse_spec",
+           "weights_file"]

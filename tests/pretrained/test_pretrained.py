@@ -8,6 +8,7 @@ give every key and shape of every supported architecture. Tests that need PyTorc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -29,8 +30,8 @@ from jaxcnn.pretrained import (
     read_state_dict,
 )
 from jaxcnn.pretrained.imagenet import class_names, eval_transform
+from jaxcnn.pretrained.predict import transform_for
 from jaxcnn.train import transfer
-from jaxcnn.train.state import init_variables, leaf_names
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="safetensors is not installed: ./setup.sh --tests")
 
@@ -197,9 +198,9 @@ def put_in_hub_cache(cache: Path, repo: str, filename: str, write) -> None:
     """huggingface_hub's cache layout: refs/main names a snapshot folder holding the file."""
     folder = cache / f"models--{repo.replace('/', '--')}"
     revision = "0123456789abcdef0123456789abcdef01234567"
-    (folder / "refs").mkdir(parents=True)
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
     (folder / "refs" / "main").write_text(revision)
-    (folder / "snapshots" / revision).mkdir(parents=True)
+    (folder / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
     write(folder / "snapshots" / revision / filename)
 
 
@@ -209,6 +210,25 @@ def test_hub_weights_load_from_the_cache(offline_hub):
     x = np.random.default_rng(1).standard_normal((1, 64, 64, 3)).astype(np.float32)
     model, variables = load_weights("hf-hub:timm/resnet18.a1_in1k")
     assert_same_logits(jax_logits(model, variables, x), ref.logits(torch_model, x))
+
+
+def test_hub_predictions_use_timms_evaluation_transform(offline_hub, tmp_path):
+    _, _, timm = ref.import_torch()
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = timm.models.get_pretrained_cfg("resnet50.a1_in1k").to_dict()  # bicubic, crop_pct 0.95
+    config = {"architecture": "resnet50", "num_classes": 1000, "pretrained_cfg": cfg}
+    put_in_hub_cache(offline_hub, "timm/resnet50.a1_in1k", "config.json", lambda p: p.write_text(json.dumps(config)))
+    spec = parse_spec("hf-hub:timm/resnet50.a1_in1k")
+    transform = transform_for(spec)
+    assert (transform["resize"], transform["crop"], transform["interpolation"]) == (235, 224, "bicubic")
+    theirs_fn = create_transform(**resolve_data_config(pretrained_cfg=cfg))
+    with Image.open(photo(tmp_path / "img.png", (320, 250))) as img:
+        np.testing.assert_allclose(eval_transform(img, **transform), theirs_fn(img).numpy().transpose(1, 2, 0),
+                                   atol=1e-3)
+    assert transform_for(spec, resize=256, crop=None)["resize"] == 256  # given options win
+    assert transform_for(parse_spec("hf-hub:timm/resnet18.a1_in1k")) == {}  # no config cached: torchvision's
 
 
 def test_hub_weights_offline_and_not_cached_say_what_to_put_where(offline_hub):
@@ -228,7 +248,8 @@ def test_init_from_a_spec_loads_the_backbone_and_reinitialises_the_head(tmp_path
     torch_model = ref.build("torchvision", "resnet18", num_classes=1000)
     ref.save(torch_model, tmp_path / "r18.pth")
     model = create_model("resnet18", num_classes=10)
-    fresh = init_variables(model, (1, 64, 64, 3), 0)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    fresh = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes)  # "fresh" values, told apart
     variables, report = transfer.load_pretrained(fresh, f"torchvision:resnet18={tmp_path / 'r18.pth'}")
     assert sorted(name for name, _ in report.reinitialised) == ["params/head/logits/bias", "params/head/logits/kernel"]
     assert "(512, 10) here, (512, 1000) in the source" in report.describe()
@@ -236,6 +257,7 @@ def test_init_from_a_spec_loads_the_backbone_and_reinitialises_the_head(tmp_path
     sd = torch_model.state_dict()
     np.testing.assert_array_equal(variables["batch_stats"]["stage4_block2"]["norm2"]["var"],
                                   sd["layer4.1.bn2.running_var"].numpy())
+    assert np.all(np.asarray(variables["params"]["head"]["logits"]["kernel"]) == 0.5)  # kept, not loaded
 
 
 # ---------------------------------------------------------------------------------------------------------
