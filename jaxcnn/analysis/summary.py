@@ -149,7 +149,7 @@ def _window_spec(module: nn.Module, x_shape: Sequence[int]) -> tuple[Pair, Pair,
         kernel, stride, dilation = _as_pair(module.kernel_size), _as_pair(module.strides), _as_pair(module.dilation)
         padding = module.padding
     elif isinstance(module, layers.Pool2d):
-        kernel = _as_pair(module.window)
+        kernel = _as_pair(module.window_shape if module.window is None else module.window)
         stride = kernel if module.strides is None else _as_pair(module.strides)
         dilation, padding = (1, 1), module.padding
     else:

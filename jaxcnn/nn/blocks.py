@@ -32,22 +32,59 @@ def _no_norm(name: str | None = None, zero_init: bool = False) -> Callable[[jax.
     return layers.make_norm("none", train=False, name=name, zero_init=zero_init)
 
 
-def norm_act(norm: ModuleDef, act: Callable[[jax.Array], jax.Array] | None, *, name: str,
-             pool_follows: bool = False, **kwargs: Any) -> Callable[[jax.Array], jax.Array]:
-    """``act(norm(name=name, **kwargs)(x))`` as one callable (``act=None``: the norm alone).
+_HOW_TO_CALL = {
+    "norm": "a norm factory called as norm(name=..., zero_init=...), e.g. functools.partial(make_norm, 'batch', "
+            "train=True)",
+    "conv": "a convolution module called as conv(features, kernel_size=..., strides=..., padding=..., groups=..., "
+            "use_bias=..., name=...), e.g. functools.partial(Conv2d, dtype=jnp.bfloat16)",
+}
+
+
+def _label(block: nn.Module | None) -> str:
+    return "norm_act" if block is None else layers._layer_label(block)
+
+
+def build(block: nn.Module | None, argument: str, factory: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``factory(*args, **kwargs)``, the block's `argument` (its ``conv`` or ``norm``); a factory that cannot be
+    called that way raises a TypeError naming the block, the argument and what it must accept."""
+    try:
+        return factory(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{_label(block)}: its {argument}={factory!r} cannot be called with "
+                        f"{', '.join([*map(repr, args), *(f'{k}={v!r}' for k, v in kwargs.items())])} ({error}); "
+                        f"pass {_HOW_TO_CALL[argument]}") from None
+
+
+def norm_act(norm: ModuleDef, act: Callable[[jax.Array], jax.Array] | None, *, name: str, pool_follows: bool = False,
+             block: nn.Module | None = None, **kwargs: Any) -> Callable[[jax.Array], jax.Array]:
+    """``act(norm(name=name, **kwargs)(x))`` as one callable (``act=None``: the norm alone); `block` (the module
+    that calls it) names the culprit in errors.
 
     A `layers.make_norm` factory (what the models pass) gets the activation itself, so that BatchNorm-then-ReLU
     runs as one fused kernel where there is one, and `pool_follows` (a pooling layer comes next, see
     `layers.make_norm`); any other norm factory is called and the activation applied after.
     """
+    if act is not None and not callable(act):
+        raise TypeError(f"{_label(block)}: act={act!r} is not a function; pass an elementwise function "
+                        f"such as jax.nn.relu or jaxcnn.nn.activation({act!r})")
     takes_activation = norm is layers.make_norm or (isinstance(norm, functools.partial)
                                                     and norm.func is layers.make_norm)
     if takes_activation:
-        return norm(name=name, activation=act, pool_follows=pool_follows, **kwargs)
+        return build(block, "norm", norm, name=name, activation=act, pool_follows=pool_follows, **kwargs)
+    layer = build(block, "norm", norm, name=name, **kwargs)
     if act is None:
-        return norm(name=name, **kwargs)
-    layer = norm(name=name, **kwargs)
+        return layer
     return lambda x: act(layer(x))
+
+
+def is_no_norm(norm: ModuleDef) -> bool:
+    """Whether the norm factory `norm` builds no normalisation (the blocks' default, or make_norm's 'none')."""
+    if norm is _no_norm:
+        return True
+    if isinstance(norm, functools.partial) and norm.func is layers.make_norm:
+        kind = norm.args[0] if norm.args else norm.keywords.get("kind")
+        return kind == "none"
+    return False
 
 
 def conv_padding(kernel_size: int) -> int | str:
@@ -102,7 +139,8 @@ class ConvNormAct(nn.Module):
 
     x: ``[N, H, W, Cin]`` -> ``[N, ceil(H / strides), ceil(W / strides), features]`` (with the default padding).
     Submodules: ``conv`` and ``norm``. ``act=None`` leaves the activation out; ``zero_init`` starts the norm's
-    scale at 0.
+    scale at 0. ``use_bias=None`` gives the conv a bias only where no norm follows it (a norm's shift makes it
+    redundant), unless the ``conv`` factory sets ``use_bias`` itself.
     """
 
     features: int
@@ -112,6 +150,7 @@ class ConvNormAct(nn.Module):
     groups: int = 1
     preact: bool = False
     zero_init: bool = False
+    use_bias: bool | None = None
     conv: ModuleDef = layers.Conv2d
     norm: ModuleDef = _no_norm
     act: Callable[[jax.Array], jax.Array] | None = jax.nn.relu
@@ -120,13 +159,16 @@ class ConvNormAct(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         padding = conv_padding(self.kernel_size) if self.padding is None else self.padding
-        conv = self.conv(
-            self.features, kernel_size=self.kernel_size, strides=self.strides, padding=padding, groups=self.groups,
-            name="conv",
-        )
+        bias = {}
+        if self.use_bias is not None:
+            bias["use_bias"] = self.use_bias
+        elif not (isinstance(self.conv, functools.partial) and "use_bias" in self.conv.keywords):
+            bias["use_bias"] = self.preact or is_no_norm(self.norm)
+        conv = build(self, "conv", self.conv, self.features, kernel_size=self.kernel_size, strides=self.strides,
+                     padding=padding, groups=self.groups, name="conv", **bias)
         if self.preact:
-            return conv(norm_act(self.norm, self.act, name="norm")(x))
-        return norm_act(self.norm, self.act, name="norm", zero_init=self.zero_init,
+            return conv(norm_act(self.norm, self.act, block=self, name="norm")(x))
+        return norm_act(self.norm, self.act, block=self, name="norm", zero_init=self.zero_init,
                         pool_follows=self.pool_follows)(conv(x))
 
 
@@ -165,8 +207,9 @@ class Shortcut(nn.Module):
             return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, self.features - cin)))
         if self.kind != "B":
             raise ValueError(f"unknown shortcut {self.kind!r}; use 'A' (zero-pad) or 'B' (projection)")
-        y = self.conv(self.features, kernel_size=1, strides=self.strides, padding=0, name="conv")(x)
-        return y if self.norm is None else self.norm(name="norm")(y)
+        y = build(self, "conv", self.conv, self.features, kernel_size=1, strides=self.strides, padding=0,
+                  name="conv")(x)
+        return y if self.norm is None else build(self, "norm", self.norm, name="norm")(y)
 
 
 class _ResidualBase(nn.Module):
@@ -212,18 +255,18 @@ class BasicBlock(_ResidualBase):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         conv = functools.partial(
-            self.conv, self.features, kernel_size=self.kernel_size, padding=conv_padding(self.kernel_size),
-            groups=self.groups,
+            build, self, "conv", self.conv, self.features, kernel_size=self.kernel_size,
+            padding=conv_padding(self.kernel_size), groups=self.groups,
         )
         if self.preact:
-            pre = norm_act(self.norm, self.act, name="norm1")(x)
+            pre = norm_act(self.norm, self.act, block=self, name="norm1")(x)
             y = conv(strides=self.strides, name="conv1")(pre)
-            y = self._drop(norm_act(self.norm, self.act, name="norm2")(y), train)
+            y = self._drop(norm_act(self.norm, self.act, block=self, name="norm2")(y), train)
             y = conv(name="conv2")(y)
             return self._join(y, x, pre)
-        y = norm_act(self.norm, self.act, name="norm1")(conv(strides=self.strides, name="conv1")(x))
+        y = norm_act(self.norm, self.act, block=self, name="norm1")(conv(strides=self.strides, name="conv1")(x))
         y = self._drop(y, train)
-        y = self.norm(name="norm2", zero_init=self.zero_init_residual)(conv(name="conv2")(y))
+        y = build(self, "norm", self.norm, name="norm2", zero_init=self.zero_init_residual)(conv(name="conv2")(y))
         return self._join(y, x, None)
 
 
@@ -245,21 +288,20 @@ class BottleneckBlock(_ResidualBase):
         width = int(self.features * self.base_width / 64) * self.groups
         out = self.features * self.expansion
         k = self.kernel_size
-        conv1 = self.conv(width, kernel_size=1, padding=0, name="conv1")
-        conv2 = self.conv(
-            width, kernel_size=k, strides=self.strides, padding=conv_padding(k), groups=self.groups, name="conv2"
-        )
-        conv3 = self.conv(out, kernel_size=1, padding=0, name="conv3")
+        conv1 = build(self, "conv", self.conv, width, kernel_size=1, padding=0, name="conv1")
+        conv2 = build(self, "conv", self.conv, width, kernel_size=k, strides=self.strides, padding=conv_padding(k),
+                      groups=self.groups, name="conv2")
+        conv3 = build(self, "conv", self.conv, out, kernel_size=1, padding=0, name="conv3")
         if self.preact:
-            pre = norm_act(self.norm, self.act, name="norm1")(x)
+            pre = norm_act(self.norm, self.act, block=self, name="norm1")(x)
             y = conv1(pre)
-            y = conv2(norm_act(self.norm, self.act, name="norm2")(y))
-            y = self._drop(norm_act(self.norm, self.act, name="norm3")(y), train)
+            y = conv2(norm_act(self.norm, self.act, block=self, name="norm2")(y))
+            y = self._drop(norm_act(self.norm, self.act, block=self, name="norm3")(y), train)
             return self._join(conv3(y), x, pre)
-        y = norm_act(self.norm, self.act, name="norm1")(conv1(x))
-        y = norm_act(self.norm, self.act, name="norm2")(conv2(y))
+        y = norm_act(self.norm, self.act, block=self, name="norm1")(conv1(x))
+        y = norm_act(self.norm, self.act, block=self, name="norm2")(conv2(y))
         y = self._drop(y, train)
-        y = self.norm(name="norm3", zero_init=self.zero_init_residual)(conv3(y))
+        y = build(self, "norm", self.norm, name="norm3", zero_init=self.zero_init_residual)(conv3(y))
         return self._join(y, x, None)
 
 
@@ -296,7 +338,7 @@ class InceptionBlock(nn.Module):
         b2 = cb(self.ch3x3, kernel_size=3, name="branch2")(b2)
         b3 = cb(self.ch5x5red, kernel_size=1, name="branch3_reduce")(x)
         b3 = cb(self.ch5x5, kernel_size=self.kernel5, name="branch3")(b3)
-        b4 = layers.Pool2d(self.pool, window=3, strides=1, padding=1, name="branch4_pool")(x)
+        b4 = layers.Pool2d(self.pool, window_shape=3, strides=1, padding=1, name="branch4_pool")(x)
         b4 = cb(self.pool_proj, kernel_size=1, name="branch4")(b4)
         return jnp.concatenate([b1, b2, b3, b4], axis=-1)
 

@@ -21,8 +21,10 @@ Padding is given the same way everywhere (convolution and pooling):
 
 from __future__ import annotations
 
+import functools
 import operator
-from typing import Any, Literal, Sequence, Union
+import warnings
+from typing import Any, Callable, Literal, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +79,27 @@ def _pair(value: IntPair, what: str) -> tuple[int, int]:
     if min(pair) < 1:
         raise ValueError(f"{what} must be at least 1, got {value!r}")
     return pair
+
+
+def deprecated_keywords(**renames: str) -> Callable[[Callable], Callable]:
+    """Lets a function take the old names of renamed keyword arguments, with a DeprecationWarning naming the new
+    one (``@deprecated_keywords(window="window_shape")``)."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() got {old}= and {new}=, two names of one argument; "
+                                        f"pass {new}=")
+                    warnings.warn(f"{fn.__name__}(): {old}= is a deprecated name of {new}=; pass {new}=",
+                                  DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
 
 
 def effective_kernel_size(kernel: int, dilation: int = 1) -> int:
@@ -151,18 +174,20 @@ def resolve_padding(
     return (_axis_padding(per_axis[0], kh, dh, sh, ih), _axis_padding(per_axis[1], kw, dw, sw, iw))
 
 
+@deprecated_keywords(kernel="kernel_size", stride="strides")
 def conv_output_size(
-    size: int, kernel: int, stride: int = 1, padding: AxisPadding = 0, dilation: int = 1
+    size: int, kernel_size: int, strides: int = 1, padding: AxisPadding = 0, dilation: int = 1
 ) -> int:
-    """Output size along one axis: ``floor((size + lo + hi - dilation * (kernel - 1) - 1) / stride) + 1``.
+    """Output size along one axis: ``floor((size + lo + hi - dilation * (kernel_size - 1) - 1) / strides) + 1``.
 
-    For dilation 1 and symmetric padding P that is the familiar ``floor((size + 2P - kernel) / stride) + 1``.
-    Raises ValueError when the (dilated) kernel does not fit in the padded input.
+    For dilation 1 and symmetric padding P that is the familiar ``floor((size + 2P - kernel_size) / strides) + 1``.
+    ``strides`` and ``padding`` are those of one axis (an int; a mode or ``(lo, hi)`` for the padding). Raises
+    ValueError when the (dilated) kernel does not fit in the padded input.
     """
-    for name, value in (("size", size), ("kernel", kernel), ("stride", stride), ("dilation", dilation)):
+    for name, value in (("size", size), ("kernel_size", kernel_size), ("strides", strides), ("dilation", dilation)):
         if _as_int(value) is None or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    size, kernel, stride, dilation = (operator.index(v) for v in (size, kernel, stride, dilation))
+    size, kernel, stride, dilation = (operator.index(v) for v in (size, kernel_size, strides, dilation))
     lo, hi = _axis_padding(padding, kernel, dilation, stride, size)
     k_eff = effective_kernel_size(kernel, dilation)
     padded = size + lo + hi
@@ -276,11 +301,11 @@ def true_conv2d(
 
 
 def _pool_geometry(
-    x: jax.Array, window: IntPair, strides: IntPair | None, padding: Padding, kind: str
+    x: jax.Array, window_shape: IntPair, strides: IntPair | None, padding: Padding, kind: str
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]:
-    """Validated (window, strides, pads) of a pooling op on x: [N, H, W, C]."""
+    """Validated (window_shape, strides, pads) of a pooling op on x: [N, H, W, C]."""
     _check_nhwc(x)
-    window_hw = _pair(window, "window")
+    window_hw = _pair(window_shape, "window_shape")
     strides_hw = window_hw if strides is None else _pair(strides, "strides")
     pads = resolve_padding(padding, window_hw, strides=strides_hw, input_size=tuple(x.shape[1:3]))
     for (lo, hi), k in zip(pads, window_hw):
@@ -307,31 +332,33 @@ def _sum_dtypes(x: jax.Array) -> tuple[Dtype, jax.Array]:
     return out_dtype, x.astype(jnp.promote_types(out_dtype, jnp.float32))
 
 
+@deprecated_keywords(window="window_shape")
 def max_pool(
-    x: jax.Array, window: IntPair, strides: IntPair | None = None, padding: Padding = "valid"
+    x: jax.Array, window_shape: IntPair, strides: IntPair | None = None, padding: Padding = "valid"
 ) -> jax.Array:
-    """Max over each window. x: ``[N, H, W, C]`` -> ``[N, H_out, W_out, C]``; ``strides`` default to the window.
+    """Max over each window. x: ``[N, H, W, C]`` -> ``[N, H_out, W_out, C]``; ``strides`` default to ``window_shape``.
 
     Padded cells hold -inf (the lowest value for integer inputs), so they never win.
     """
-    window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "max")
+    window_hw, strides_hw, pads = _pool_geometry(x, window_shape, strides, padding, "max")
     return backends.max_pool(x, window_hw, strides_hw, pads)  # lax.reduce_window(x, -inf, lax.max, ...)
 
 
+@deprecated_keywords(window="window_shape")
 def avg_pool(
     x: jax.Array,
-    window: IntPair,
+    window_shape: IntPair,
     strides: IntPair | None = None,
     padding: Padding = "valid",
     count_include_pad: bool = True,
 ) -> jax.Array:
-    """Mean over each window. x: ``[N, H, W, C]`` -> ``[N, H_out, W_out, C]``; ``strides`` default to the window.
+    """Mean over each window. x: ``[N, H, W, C]`` -> ``[N, H_out, W_out, C]``; ``strides`` default to ``window_shape``.
 
     Padded cells hold 0. ``count_include_pad=True`` divides every window's sum by the full window size
     ``KH * KW`` (PyTorch's default: border averages are pulled towards 0); ``False`` divides by the number of
     real input cells in the window (TensorFlow/flax 'SAME' average pooling). Sums are taken in at least float32.
     """
-    window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "average")
+    window_hw, strides_hw, pads = _pool_geometry(x, window_shape, strides, padding, "average")
     out_dtype, acc = _sum_dtypes(x)
     zero = np.array(0, acc.dtype)
     sums = _reduce_window(acc, zero, lax.add, window_hw, strides_hw, pads)
@@ -343,14 +370,15 @@ def avg_pool(
     return (sums / counts).astype(out_dtype)
 
 
+@deprecated_keywords(window="window_shape")
 def l2_pool(
-    x: jax.Array, window: IntPair, strides: IntPair | None = None, padding: Padding = "valid"
+    x: jax.Array, window_shape: IntPair, strides: IntPair | None = None, padding: Padding = "valid"
 ) -> jax.Array:
     """Square root of the sum of squares over each window (padded cells are 0; all-zero windows get gradient 0).
 
-    x: ``[N, H, W, C]`` -> ``[N, H_out, W_out, C]``; ``strides`` default to the window.
+    x: ``[N, H, W, C]`` -> ``[N, H_out, W_out, C]``; ``strides`` default to ``window_shape``.
     """
-    window_hw, strides_hw, pads = _pool_geometry(x, window, strides, padding, "L2")
+    window_hw, strides_hw, pads = _pool_geometry(x, window_shape, strides, padding, "L2")
     out_dtype, acc = _sum_dtypes(x)
     sums = _reduce_window(jnp.square(acc), np.array(0, acc.dtype), lax.add, window_hw, strides_hw, pads)
     # sqrt has an infinite slope at 0: an all-zero window (after a ReLU, or in the padding) would give NaN

@@ -1,13 +1,15 @@
 """Flax Linen layers for CNNs: convolution, pooling, normalisation as a choice, activations by name.
 
 All layers take and return NHWC arrays (``x: [N, H, W, C]``). Every convolution goes through
-`jaxcnn.nn.functional.conv2d`; the backend may run the layers faster, with the same values (docs/architecture.md). Parameter names follow flax (``kernel``, ``bias``, ``scale``; batch statistics
-``mean``/``var`` in the ``batch_stats`` collection), so parameter counts match flax's and torchvision's models.
+`jaxcnn.nn.functional.conv2d`; the backend may run the layers faster, with the same values (docs/architecture.md).
+Parameter names follow flax (``kernel``, ``bias``, ``scale``; batch statistics ``mean``/``var`` in the
+``batch_stats`` collection), so parameter counts match flax's and torchvision's models.
 """
 
 from __future__ import annotations
 
 import typing
+import warnings
 from typing import Any, Callable, Literal
 
 import flax.linen as nn
@@ -124,26 +126,32 @@ POOL_KINDS: tuple[str, ...] = typing.get_args(PoolKind)
 class Pool2d(nn.Module):
     """Windowed pooling: ``kind`` 'max', 'avg' or 'l2'. x: ``[N, H, W, C]`` -> ``[N, H_out, W_out, C]``.
 
-    ``strides`` default to the window; ``count_include_pad`` only matters for 'avg' with padding (see
-    `functional.avg_pool`).
+    ``strides`` default to ``window_shape``; ``count_include_pad`` only matters for 'avg' with padding (see
+    `functional.avg_pool`). ``window`` is a deprecated name of ``window_shape``.
     """
 
     kind: PoolKind = "max"
-    window: int | tuple[int, int] = 2
+    window_shape: int | tuple[int, int] = 2
     strides: int | tuple[int, int] | None = None
     padding: F.Padding = "valid"
     count_include_pad: bool = True
+    window: int | tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         label = _layer_label(self)
+        window_shape = self.window_shape
+        if self.window is not None:
+            warnings.warn(f"{label}: window= is a deprecated name of window_shape=; pass window_shape=",
+                          DeprecationWarning, stacklevel=2)
+            window_shape = self.window
         try:
             if self.kind == "max":
-                return F.max_pool(x, self.window, self.strides, self.padding)
+                return F.max_pool(x, window_shape, self.strides, self.padding)
             if self.kind == "avg":
-                return F.avg_pool(x, self.window, self.strides, self.padding, self.count_include_pad)
+                return F.avg_pool(x, window_shape, self.strides, self.padding, self.count_include_pad)
             if self.kind == "l2":
-                return F.l2_pool(x, self.window, self.strides, self.padding)
+                return F.l2_pool(x, window_shape, self.strides, self.padding)
         except ValueError as error:
             raise ValueError(f"{label} on input of shape {tuple(jnp.shape(x))}: {error}") from None
         raise ValueError(f"{label}: unknown pooling kind {self.kind!r}; use one of {POOL_KINDS}")

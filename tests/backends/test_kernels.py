@@ -72,11 +72,14 @@ def test_resnet20_and_lenet_layers_get_jit_kernels(hw, cin, cout, stride):
 
 
 @needs_onednn
-def test_only_float32_goes_to_onednn():
+def test_float32_and_bfloat16_with_hardware_support_go_to_onednn():
     x, k = case(1, (2, 8, 8, 4), (3, 3, 4, 5))
     assert uses_onednn(fast, x, k)
-    assert not uses_onednn(fast, x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+    bf16 = uses_onednn(fast, x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+    assert bf16 == onednn.cpu_has_fast_bfloat16()  # AMX / AVX512-BF16 (tests/backends/test_bfloat16.py)
     assert not uses_onednn(fast, x.astype(jnp.float16), k.astype(jnp.float16))
+    assert not onednn.usable(onednn.Geometry((2, 8, 8, 4), (3, 3, 4, 5), (2, 8, 8, 5), (1, 1), PAD1, (1, 1), 1),
+                             jnp.float32, jnp.bfloat16)  # mixed operands
 
 
 @needs_onednn

@@ -176,7 +176,7 @@ def test_numpy_integers_are_accepted_as_sizes():
     assert F.conv2d(jnp.ones((1, 5, 5, 1)), jnp.ones((3, 3, 1, 1)), strides=np.int64(2)).shape == (1, 2, 2, 1)
     with pytest.raises(ValueError, match="strides must be an int or a pair"):
         F.conv2d(jnp.ones((1, 5, 5, 1)), jnp.ones((3, 3, 1, 1)), strides=1.5)
-    with pytest.raises(ValueError, match="stride must be an int >= 1, got True"):
+    with pytest.raises(ValueError, match="strides must be an int >= 1, got True"):
         F.conv_output_size(5, 3, True)
 
 
@@ -369,7 +369,7 @@ def test_pooling_errors():
         F.max_pool(jnp.ones((1, 6, 6, 1)), 2, padding=2)
     with pytest.raises(ValueError, match=r"got \(6, 6\)"):
         F.avg_pool(jnp.ones((6, 6)), 2)
-    with pytest.raises(ValueError, match="window must be at least 1"):
+    with pytest.raises(ValueError, match="window_shape must be at least 1"):
         F.l2_pool(jnp.ones((1, 6, 6, 1)), 0)
     with pytest.raises(ValueError, match="larger than the padded input 2"):
         F.avg_pool(jnp.ones((1, 2, 9, 1)), 3)

@@ -88,7 +88,7 @@ def test_conv2d_errors_name_the_layer_and_the_input_shape():
 def test_pool2d_matches_numpy_loops(kind):
     x = _rand(1, 2, 7, 7, 3)
     reference = {"max": np_max_pool, "avg": np_avg_pool, "l2": np_l2_pool}[kind]
-    y = L.Pool2d(kind, window=3, strides=2, padding=1).apply({}, x)
+    y = L.Pool2d(kind, window_shape=3, strides=2, padding=1).apply({}, x)
     np.testing.assert_allclose(np.asarray(y), reference(x, (3, 3), (2, 2), ((1, 1), (1, 1))), rtol=1e-5, atol=1e-5)
     y = L.Pool2d(kind).apply({}, x)  # defaults: 2x2 window, stride 2, valid
     np.testing.assert_allclose(np.asarray(y), reference(x, (2, 2)), rtol=1e-5, atol=1e-5)

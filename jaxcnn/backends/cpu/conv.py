@@ -1,9 +1,9 @@
 """2-D convolution with a hand-written VJP that XLA's CPU backend runs faster; the same mathematics.
 
 `jaxcnn.backends.conv_general_dilated` (which `jaxcnn.nn.functional.conv2d`, the funnel every jaxcnn convolution
-goes through, calls) runs `conv2d` here, so every layer and model gets it by default. Forward, input gradient and filter gradient are the same XLA convolutions
-JAX's automatic differentiation of `lax.conv_general_dilated` emits; what changes is how their operands reach
-them, and the filter gradient of grouped and depthwise convolutions:
+goes through, calls) runs `conv2d` here, so every layer and model gets it by default. Forward, input gradient and
+filter gradient are the same XLA convolutions JAX's automatic differentiation of `lax.conv_general_dilated` emits;
+what changes is how their operands reach them, and the filter gradient of grouped and depthwise convolutions:
 
 - **The filter gradient reads a stored activation.** The filter gradient is a convolution whose contraction runs
   over the batch, so XLA feeds it the input transposed to ``[C, H, W, N]``. Left alone, XLA recomputes the
@@ -248,7 +248,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding
       x: ``[N, H, W, Cin]``.
       kernel: ``[KH, KW, Cin / groups, Cout]``.
       strides, dilation: ``(h, w)`` int pairs.
-      padding: resolved per-side padding ``((top, bottom), (left, right))`` (see `jaxcnn.nn.functional.resolve_padding`).
+      padding: resolved per-side padding ``((top, bottom), (left, right))``
+        (see `jaxcnn.nn.functional.resolve_padding`).
       groups: feature groups (``Cin`` for a depthwise convolution).
     Returns:
       ``[N, H_out, W_out, Cout]``, equal to ``lax.conv_general_dilated`` with the same arguments.
@@ -268,7 +269,19 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding
             if groups == 1 and x.shape[3] == 1 and not _smaller_than_kernel(x.shape, kernel.shape, dilation):
                 return _one_channel_onednn(x, kernel, strides, padding, dilation, geometry)
             return kernels.conv2d(x, kernel, geometry)
+    if jnp.bfloat16 in (x.dtype, kernel.dtype) and kernels.enabled() and jax.default_backend() == "cpu":
+        kernels.warn_slow_bfloat16(_why_xla_bfloat16(x, kernel))
     return _conv_fast(x, kernel, strides, padding, dilation, groups)
+
+
+def _why_xla_bfloat16(x: jax.Array, kernel: jax.Array) -> str:
+    """Why a bfloat16 convolution on the CPU is not oneDNN's (for the warning `conv2d` gives)."""
+    if not kernels.cpu_has_fast_bfloat16():
+        return "its convolutions (this CPU has neither AMX nor AVX512-BF16)"
+    if not kernels.available():
+        return "its convolutions (the native kernels are not built)"
+    return (f"the convolution of {x.dtype} {tuple(x.shape)} with a {kernel.dtype} {tuple(kernel.shape)} kernel "
+            "(oneDNN has no bfloat16 kernel for it here)")
 
 
 __all__ = ["DIMENSION_NUMBERS", "conv2d"]

@@ -1,12 +1,12 @@
 """Dense layers' matrix products on the CPU through oneDNN's sgemm; the same mathematics.
 
-`jaxcnn.nn.Dense` (flax's ``nn.Dense`` with `jaxcnn.backends.dot_general`, which is this module's) is what every jaxcnn model's dense
-layers are. Inside a training step on 2 cores XLA ran the small products of a dense layer (the MLP's 128x300 @
-300x100 and its gradients: 70-104 us each) at 40-100 GFLOP/s; oneDNN's sgemm, called on one OpenMP thread per
-block of rows with the blocks on XLA's own thread pool (csrc/onednn_matmul.cc), runs them at 200-270 GFLOP/s and
-adds no OpenMP team (letting oneDNN start one from XLA's threads made the MLP's step slower, not faster). The MLP's
-loop went from 110.6k to 134.2k images/s, LeNet-5's from 35.9k to 38.6k (in-process A/B); VGG-11 unchanged. The
-products and their gradients are `kernels.matmul_p`, a bilinear primitive whose transposes are
+`jaxcnn.nn.Dense` (flax's ``nn.Dense`` with `jaxcnn.backends.dot_general`, which is this module's) is what every
+jaxcnn model's dense layers are. Inside a training step on 2 cores XLA ran the small products of a dense layer (the
+MLP's 128x300 @ 300x100 and its gradients: 70-104 us each) at 40-100 GFLOP/s; oneDNN's sgemm, called on one OpenMP
+thread per block of rows with the blocks on XLA's own thread pool (csrc/onednn_matmul.cc), runs them at 200-270
+GFLOP/s and adds no OpenMP team (letting oneDNN start one from XLA's threads made the MLP's step slower, not
+faster). The MLP's loop went from 110.6k to 134.2k images/s, LeNet-5's from 35.9k to 38.6k (in-process A/B); VGG-11
+unchanged. The products and their gradients are `kernels.matmul_p`, a bilinear primitive whose transposes are
 itself, so every derivative order, forward mode and vmap work; off the CPU it lowers to XLA's dot.
 
 Shapes: lhs ``[..., K]`` (the leading axes are flattened into the rows), rhs ``[K, N]`` -> ``[..., N]``.

@@ -1,4 +1,5 @@
-"""Float32 convolutions that XLA's CPU backend hands to oneDNN, as one JAX primitive with exact derivative rules.
+"""Float32 and bfloat16 convolutions that XLA's CPU backend hands to oneDNN, as one JAX primitive with exact
+derivative rules.
 
 XLA's CPU convolutions run 2-10x slower than oneDNN's on the layers of small CNNs (CIFAR ResNet-20 on 2 cores:
 forward 8.7 ms against 3.1 ms, filter gradient 23 ms against 2.7 ms for the 16-channel 32x32 layer at batch 128;
@@ -12,8 +13,9 @@ and the transpose of each is another of the three, so `jax.grad`, `jax.jvp`, `ja
 them work with no custom_vjp. `jax.vmap` runs XLA's convolution. On other platforms (GPU, TPU) the primitive
 lowers to ``lax.conv_general_dilated`` and its autodiff transposes, i.e. exactly what JAX would run without it.
 
-`usable` decides at trace time: float32 operands, the library built, and oneDNN has a JIT kernel (not its slow
-reference code) for all three convolutions of the geometry. Otherwise `jaxcnn.backends.cpu.conv` keeps XLA's
+`usable` decides at trace time: float32 operands, or bfloat16 operands on a CPU with bfloat16 arithmetic (AMX or
+AVX512-BF16, `cpu_has_fast_bfloat16`: oneDNN then accumulates in float32, as PyTorch's autocast does), the library
+built, and oneDNN has a JIT kernel (not its slow reference code) for all three convolutions of the geometry. Otherwise `jaxcnn.backends.cpu.conv` keeps XLA's
 convolutions. ``JAXCNN_ONEDNN=0`` turns this module off (to compare against XLA's kernels), and so does the
 `xla_convolutions()` context for what is traced inside it (XLA's cost analysis does not see into custom calls, and
 `jax.export` refuses them). Functions already traced keep their path. When the library
@@ -94,12 +96,14 @@ class Geometry:
         (pt, pb), (pl, pr) = self.padding
         return np.array([*self.strides, pt, pb, pl, pr, *self.dilation, self.groups, self.threads], np.int64)
 
-    def dims(self) -> np.ndarray:
-        """JaxcnnConvImpl's layout: [n, h, w, cin, kh, kw, cout, ho, wo, *params]."""
+    def dims(self, dtype=np.float32) -> np.ndarray:
+        """JaxcnnConvImpl's layout: [n, h, w, cin, kh, kw, cout, ho, wo, *params, bf16] for operands of `dtype`."""
         n, h, w, cin = self.x_shape
         kh, kw, _, cout = self.kernel_shape
         _, ho, wo, _ = self.y_shape
-        return np.concatenate([np.array([n, h, w, cin, kh, kw, cout, ho, wo], np.int64), self.params()])
+        bf16 = int(np.dtype(dtype) == jnp.bfloat16)
+        return np.concatenate([np.array([n, h, w, cin, kh, kw, cout, ho, wo], np.int64), self.params(),
+                               np.array([bf16], np.int64)])
 
     def out_shape(self, op: str) -> tuple[int, ...]:
         return {FORWARD: self.y_shape, BACKWARD_DATA: self.x_shape, BACKWARD_WEIGHTS: self.kernel_shape}[op]
@@ -232,14 +236,14 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def implementations(geometry: Geometry) -> dict[str, str] | None:
-    """oneDNN's implementation name for each of the three ops of `geometry` (e.g. 'brgconv:avx512_core'); None
-    when the library is unavailable or oneDNN rejects the geometry (cached: it depends on the geometry only;
-    `usable` checks `enabled()`)."""
+def implementations(geometry: Geometry, dtype=np.float32) -> dict[str, str] | None:
+    """oneDNN's implementation name for each of the three ops of `geometry` with operands of `dtype` (float32 or
+    bfloat16; e.g. 'brgconv:avx512_core', 'brgconv:avx512_core_amx_bf16'); None when the library is unavailable or
+    oneDNN rejects the geometry (cached: it depends on its arguments only; `usable` checks `enabled()`)."""
     lib = _library()
     if lib is None:
         return None
-    dims = geometry.dims()
+    dims = geometry.dims(dtype)
     names = {}
     for op, index in _OP_INDEX.items():
         error = ctypes.create_string_buffer(512)
@@ -250,14 +254,48 @@ def implementations(geometry: Geometry) -> dict[str, str] | None:
     return names
 
 
+_CPU_FLAGS_FILE = "/proc/cpuinfo"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bfloat16(cpuinfo: str = _CPU_FLAGS_FILE) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware: the ``amx_bf16`` (AMX tiles) or ``avx512_bf16`` flag in
+    `cpuinfo` (Linux's /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
 def usable(geometry: Geometry, *dtypes) -> bool:
-    """True when the convolution should run through oneDNN: float32 operands and a JIT kernel for all three ops."""
-    if not enabled() or any(np.dtype(d) != np.float32 for d in dtypes):
+    """True when the convolution should run through oneDNN: float32 operands, or bfloat16 operands on a CPU with
+    `cpu_has_fast_bfloat16`, and a JIT kernel for all three ops."""
+    kinds = {np.dtype(d) for d in dtypes}
+    if not enabled() or len(kinds) != 1:
+        return False
+    dtype = kinds.pop()
+    if dtype != np.float32 and not (dtype == jnp.bfloat16 and cpu_has_fast_bfloat16()):
         return False
     if any(s <= 0 for s in (*geometry.x_shape, *geometry.kernel_shape, *geometry.y_shape)):
         return False
-    impls = implementations(geometry)
+    impls = implementations(geometry, dtype)
     return impls is not None and not any(name.startswith("ref") for name in impls.values())
+
+
+# What bfloat16 convolutions in XLA's CPU kernels cost, measured (benchmarks/README.md).
+SLOW_BFLOAT16_COST = ("ResNet-20 training with bfloat16 compute in XLA's kernels ran at 6.2 images/s against 627 "
+                      "in float32, 100x slower (2-core Xeon, jax 0.12, 2026-12-06)")
+
+
+@functools.lru_cache(maxsize=None)
+def warn_slow_bfloat16(reason: str) -> None:
+    """Warns once per `reason` that bfloat16 compute runs in XLA's CPU kernels here, naming the measured cost."""
+    warnings.warn(f"jaxcnn: bfloat16 compute on the CPU runs {reason} in XLA's kernels, which have no fast bfloat16 "
+                  f"convolution: {SLOW_BFLOAT16_COST}. Train with float32 compute on this machine "
+                  "(train.compute_dtype=float32), or on a CPU with AMX or AVX512-BF16 and the native kernels "
+                  "built.", RuntimeWarning, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------------------ the primitive

@@ -212,9 +212,9 @@ def batch_norm_act_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilo
     """`batch_norm_train`, then ``jax.nn.relu`` on y when `relu`: ``(y, mean, var)`` as that composition gives.
 
     On the CPU backend, for float32 operands and with `use_onednn`, both passes (and the ReLU, and its mask in the
-    backward pass) run in oneDNN's batch-normalisation kernels (`jaxcnn.backends.cpu.kernels.norm_forward`): 2.3x faster than
-    XLA's fusions for a CIFAR ResNet's first stage on 2 cores (benchmarks/README.md). Elsewhere, and with
-    ``use_onednn=False`` (for a layer a pool follows: XLA fuses the normalisation, the ReLU and the pool, which
+    backward pass) run in oneDNN's batch-normalisation kernels (`jaxcnn.backends.cpu.kernels.norm_forward`): 2.3x
+    faster than XLA's fusions for a CIFAR ResNet's first stage on 2 cores (benchmarks/README.md). Elsewhere, and
+    with ``use_onednn=False`` (for a layer a pool follows: XLA fuses the normalisation, the ReLU and the pool, which
     beat oneDNN's kernels plus a separate pool), this is the composition itself.
     """
     geometry = None

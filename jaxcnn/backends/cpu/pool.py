@@ -1,12 +1,12 @@
 """Max pooling over non-overlapping windows with a hand-written VJP; the same mathematics as XLA's.
 
-`jaxcnn.backends.max_pool` (what `jaxcnn.nn.functional.max_pool` calls) runs `max_pool_tiled` when the windows tile the input (strides equal to the
-window, no padding), which is what LeNet, VGG and most CIFAR networks use. XLA differentiates
-``lax.reduce_window(max)`` with a select-and-scatter, which its CPU backend expands into index arrays and a
-scatter (a third of a LeNet-5 train step on 2 cores). Here the forward pass is a reshape and a max over the
+`jaxcnn.backends.max_pool` (what `jaxcnn.nn.functional.max_pool` calls) runs `max_pool_tiled` when the windows tile
+the input (strides equal to the window, no padding), which is what LeNet, VGG and most CIFAR networks use. XLA
+differentiates ``lax.reduce_window(max)`` with a select-and-scatter, which its CPU backend expands into index arrays
+and a scatter (a third of a LeNet-5 train step on 2 cores). Here the forward pass is a reshape and a max over the
 window axes, and the backward pass gives each window's gradient to the element XLA's select-and-scatter picks:
-scanning the window row by row, the first element, replaced by each later one that the current choice is not
-``>=`` to. That is the first maximum for ordinary numbers, and the same choice as XLA around NaN and -inf.
+scanning the window row by row, the first element, replaced by each later one that the current choice is not ``>=``
+to. That is the first maximum for ordinary numbers, and the same choice as XLA around NaN and -inf.
 
 On the CPU, float32 windows run in jaxcnn's own kernels (`kernels.max_pool_forward` / `max_pool_backward`,
 ``csrc/max_pool.cc``): one pass forward writing the max and the choice, one pass backward, AVX-512 on XLA's thread

@@ -3,14 +3,13 @@
     tx = fused_sgd(schedule, momentum=0.9, nesterov=True, weight_decay=5e-4, mask=decay_mask_fn)
     params, opt_state = apply_gradients(tx, grads, opt_state, params)    # what the train step calls
 
-`fused_sgd` is optax's ``chain(add_decayed_weights(weight_decay, mask), sgd(lr, momentum, nesterov))``: its
-`init` and `update` are that chain's, so its state, its checkpoints and anything that calls ``tx.update`` are
-unchanged. It adds `apply`, the update and ``optax.apply_updates`` in one: on the CPU, with float32 parameters
-and the native library built, one pass over every parameter, momentum and gradient
-(`jaxcnn.backends.cpu.kernels.sgd_update`, csrc/sgd_update.cc), which gives the bits XLA gives for optax's formula (float32,
-each multiply-add fused as XLA's CPU backend compiles it; tests/backends/test_sgd.py checks against optax
-under `jax.jit` and a NumPy reference). Elsewhere
-`apply` is optax's update followed by `apply_updates`.
+`fused_sgd` is optax's ``chain(add_decayed_weights(weight_decay, mask), sgd(lr, momentum, nesterov))``: its `init`
+and `update` are that chain's, so its state, its checkpoints and anything that calls ``tx.update`` are unchanged. It
+adds `apply`, the update and ``optax.apply_updates`` in one: on the CPU, with float32 parameters and the native
+library built, one pass over every parameter, momentum and gradient (`jaxcnn.backends.cpu.kernels.sgd_update`,
+csrc/sgd_update.cc), which gives the bits XLA gives for optax's formula (float32, each multiply-add fused as XLA's
+CPU backend compiles it; tests/backends/test_sgd.py checks against optax under `jax.jit` and a NumPy reference).
+Elsewhere `apply` is optax's update followed by `apply_updates`.
 
 Why: XLA's CPU backend ran this update as three loop fusions per weight (the decayed gradient, the momentum, the
 parameter: ten array passes where five do) plus the scheduling between them; for the MLP of

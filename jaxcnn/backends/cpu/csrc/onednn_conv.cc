@@ -1,4 +1,5 @@
-// 2-D float32 convolutions for XLA's CPU backend, run by oneDNN (the library PyTorch's CPU convolutions use).
+// 2-D float32 and bfloat16 convolutions for XLA's CPU backend, run by oneDNN (the library PyTorch's CPU
+// convolutions use).
 //
 // Three XLA FFI handlers, one per convolution of a training step, all NHWC activations and HWIO kernels (the
 // layouts jaxcnn uses, so nothing is transposed on the way in or out):
@@ -22,6 +23,10 @@
 // at once), so one primitive may run in several threads at the same time. Kernels are passed in HWIO and reordered
 // into the blocked layout oneDNN's JIT kernels want on every call (a few hundred KB at most); the filter gradient
 // is reordered back to HWIO.
+//
+// bfloat16 operands give bfloat16 results with float32 accumulation inside oneDNN (its AMX / AVX512-BF16 kernels,
+// as PyTorch's autocast runs them); the filter gradient is computed in float32 (slices summed in float32) and
+// rounded to bfloat16 once, to nearest even.
 //
 // JaxcnnConvImpl(op, dims, error, error_len) builds (and caches) the primitive for a geometry and returns the
 // name of the implementation oneDNN picked, or nullptr with a message in `error`; jaxcnn calls it while tracing
@@ -54,20 +59,26 @@ enum Op : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
 struct Geometry {
   int64_t n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups, threads;
+  int64_t bf16 = 0;  // 1: bfloat16 activations and kernels (the filter gradient computed in float32)
 
   std::vector<int64_t> Key(Op op) const {
-    return {op, n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups, threads};
+    return {op, n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups, threads, bf16};
   }
   void SetThreads() const { jaxcnn::SetThreads(threads); }
-  memory::desc Src() const { return memory::desc({n, cin, h, w}, dt::f32, tag::nhwc); }
-  memory::desc Dst() const { return memory::desc({n, cout, ho, wo}, dt::f32, tag::nhwc); }
+  dt Data() const { return bf16 ? dt::bf16 : dt::f32; }
+  memory::desc Src() const { return memory::desc({n, cin, h, w}, Data(), tag::nhwc); }
+  memory::desc Dst() const { return memory::desc({n, cout, ho, wo}, Data(), tag::nhwc); }
   // HWIO as jaxcnn stores kernels (hwigo with groups), or `any`: the layout oneDNN prefers.
-  memory::desc Weights(bool any) const {
-    if (groups == 1) return memory::desc({cout, cin, kh, kw}, dt::f32, any ? tag::any : tag::hwio);
-    return memory::desc({groups, cout / groups, cin / groups, kh, kw}, dt::f32, any ? tag::any : tag::hwigo);
+  memory::desc Weights(bool any, dt type) const {
+    if (groups == 1) return memory::desc({cout, cin, kh, kw}, type, any ? tag::any : tag::hwio);
+    return memory::desc({groups, cout / groups, cin / groups, kh, kw}, type, any ? tag::any : tag::hwigo);
   }
-  memory::desc UserWeights() const { return Weights(false); }
-  memory::desc AnyWeights() const { return Weights(true); }
+  memory::desc UserWeights() const { return Weights(false, Data()); }
+  memory::desc AnyWeights() const { return Weights(true, Data()); }
+  // The filter gradient's own type: float32 (bfloat16 operands accumulate into it, rounded once at the end).
+  memory::desc UserDiffWeights() const { return Weights(false, dt::f32); }
+  memory::desc AnyDiffWeights() const { return Weights(true, dt::f32); }
+  int64_t WeightsSize() const { return kh * kw * (cin / groups) * cout; }
   memory::dims Strides() const { return {sh, sw}; }
   memory::dims Dilates() const { return {dh - 1, dw - 1}; }  // oneDNN counts the gaps, JAX the step
   memory::dims PadL() const { return {pt, pl}; }
@@ -128,10 +139,10 @@ std::shared_ptr<Entry> Build(const Geometry& g, Op op) {
   } else {
 #if DNNL_VERSION_MAJOR >= 3
     dnnl::convolution_backward_weights::primitive_desc pd(Engine(), dnnl::algorithm::convolution_direct, g.Src(),
-                                                          g.AnyWeights(), g.Dst(), g.Strides(), g.Dilates(),
+                                                          g.AnyDiffWeights(), g.Dst(), g.Strides(), g.Dilates(),
                                                           g.PadL(), g.PadR(), fwd, attr);
 #else
-    dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(),
+    dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.Src(), g.AnyDiffWeights(),
                                                g.Dst(), g.Strides(), g.Dilates(), g.PadL(), g.PadR());
     dnnl::convolution_backward_weights::primitive_desc pd(d, attr, Engine(), fwd);
 #endif
@@ -140,7 +151,7 @@ std::shared_ptr<Entry> Build(const Geometry& g, Op op) {
     e->scratchpad = pd.scratchpad_desc();
     e->impl = pd.impl_info_str();
   }
-  memory::desc user = g.UserWeights();
+  memory::desc user = op == kBackwardWeights ? g.UserDiffWeights() : g.UserWeights();
   e->reorder = e->weights != user;
   if (e->reorder) {
     if (op == kBackwardWeights) {
@@ -168,17 +179,17 @@ std::shared_ptr<Entry> Get(const Geometry& g, Op op) {
 }
 
 Geometry FromShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
-                    ffi::Span<const int64_t> p) {
+                    ffi::Span<const int64_t> p, ffi::DataType type) {
   return Geometry{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2],
-                  p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9]};
+                  p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], type == ffi::DataType::BF16};
 }
 
 // One execution of op's primitive for geometry g on these buffers (x / dx, w / dw, y / dy as the op reads or
-// writes them), on the calling thread's OpenMP team (g.threads of them).
-void Execute(const Geometry& g, Op op, float* x, float* w, float* y) {
+// writes them; dw is float32 for every data type), on the calling thread's OpenMP team (g.threads of them).
+void Execute(const Geometry& g, Op op, void* x, void* w, void* y) {
   auto e = Get(g, op);
   dnnl::stream stream(Engine());
-  memory user_w(g.UserWeights(), Engine(), w);
+  memory user_w(op == kBackwardWeights ? g.UserDiffWeights() : g.UserWeights(), Engine(), w);
   memory prim_w = e->reorder ? memory(e->weights, Engine()) : user_w;
   memory reorder_scratchpad(e->reorder_scratchpad, Engine());
   if (e->reorder && op != kBackwardWeights) {
@@ -214,30 +225,50 @@ int64_t Slices(const Geometry& g, ffi::ThreadPool& pool) {
   return t > 1 && g.n % t == 0 ? t : 1;
 }
 
-ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, Op op, float* x, float* w, float* y) {
+// float32 -> bfloat16, rounded to nearest even (NaN kept a NaN), as XLA converts.
+uint16_t ToBfloat16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, Op op, void* x, void* w, void* y) {
   try {
     const int64_t slices = Slices(g, pool);
+    const int64_t w_size = g.WeightsSize();
+    // The filter gradient in float32: written in place for float32, else into a buffer rounded at the end.
+    std::vector<float> dw_f32(op == kBackwardWeights && g.bf16 ? w_size : 0);
+    void* dw = dw_f32.empty() ? w : dw_f32.data();
     if (slices == 1) {
       jaxcnn::AllCoresGuard guard(g.threads);
-      Execute(g, op, x, w, y);
-      return ffi::Error::Success();
-    }
-    Geometry slice = g;
-    slice.n = g.n / slices;
-    slice.threads = 1;
-    Get(slice, op);  // built once, before the threads use it
-    const int64_t x_step = slice.n * g.h * g.w * g.cin, y_step = slice.n * g.ho * g.wo * g.cout;
-    const int64_t w_size = g.kh * g.kw * (g.cin / g.groups) * g.cout;
-    std::vector<float> partial(op == kBackwardWeights ? (slices - 1) * w_size : 0);
-    jaxcnn::ParallelFor(pool, slices, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {  // Execute sets this thread's OpenMP count to the slice's 1
-        float* dw = op == kBackwardWeights && i > 0 ? partial.data() + (i - 1) * w_size : w;
-        Execute(slice, op, x + i * x_step, dw, y + i * y_step);
+      Execute(g, op, x, op == kBackwardWeights ? dw : w, y);
+    } else {
+      Geometry slice = g;
+      slice.n = g.n / slices;
+      slice.threads = 1;
+      Get(slice, op);  // built once, before the threads use it
+      const int64_t bytes = g.bf16 ? 2 : 4;
+      const int64_t x_step = slice.n * g.h * g.w * g.cin * bytes, y_step = slice.n * g.ho * g.wo * g.cout * bytes;
+      char* xb = static_cast<char*>(x);
+      char* yb = static_cast<char*>(y);
+      std::vector<float> partial(op == kBackwardWeights ? (slices - 1) * w_size : 0);
+      jaxcnn::ParallelFor(pool, slices, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {  // Execute sets this thread's OpenMP count to the slice's 1
+          void* wi = op != kBackwardWeights ? w : i > 0 ? partial.data() + (i - 1) * w_size : dw;
+          Execute(slice, op, xb + i * x_step, wi, yb + i * y_step);
+        }
+      }, /*per_thread=*/1);
+      float* sum = static_cast<float*>(dw);
+      for (int64_t i = 1; i < slices && op == kBackwardWeights; ++i) {
+        const float* part = partial.data() + (i - 1) * w_size;
+        for (int64_t j = 0; j < w_size; ++j) sum[j] += part[j];
       }
-    }, /*per_thread=*/1);
-    for (int64_t i = 1; i < slices && op == kBackwardWeights; ++i) {
-      const float* part = partial.data() + (i - 1) * w_size;
-      for (int64_t j = 0; j < w_size; ++j) w[j] += part[j];
+    }
+    if (!dw_f32.empty()) {
+      uint16_t* out = static_cast<uint16_t*>(w);
+      for (int64_t j = 0; j < w_size; ++j) out[j] = ToBfloat16(dw_f32[j]);
     }
   } catch (const std::exception& err) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxcnn oneDNN convolution failed: ") + err.what());
@@ -245,22 +276,35 @@ ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, Op op, float* x, float*
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> params) {
-  Geometry g = FromShapes(x.dimensions(), w.dimensions(), y->dimensions(), params);
-  return Run(pool, g, kForward, x.typed_data(), w.typed_data(), y->typed_data());
+// float32 or bfloat16, the same for all three buffers (jaxcnn's Python side guarantees it).
+ffi::Error CheckTypes(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, ffi::DataType out) {
+  const ffi::DataType t = a.element_type();
+  if ((t != ffi::DataType::F32 && t != ffi::DataType::BF16) || b.element_type() != t || out != t) {
+    return ffi::Error::InvalidArgument("jaxcnn oneDNN convolution: operands and result must all be float32 or all "
+                                       "bfloat16");
+  }
+  return ffi::Error::Success();
 }
 
-ffi::Error BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> params) {
-  Geometry g = FromShapes(dx->dimensions(), w.dimensions(), dy.dimensions(), params);
-  return Run(pool, g, kBackwardData, dx->typed_data(), w.typed_data(), dy.typed_data());
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Span<const int64_t> params) {
+  if (auto error = CheckTypes(x, w, y->element_type()); error.failure()) return error;
+  Geometry g = FromShapes(x.dimensions(), w.dimensions(), y->dimensions(), params, x.element_type());
+  return Run(pool, g, kForward, x.untyped_data(), w.untyped_data(), y->untyped_data());
 }
 
-ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dw, ffi::Span<const int64_t> params) {
-  Geometry g = FromShapes(x.dimensions(), dw->dimensions(), dy.dimensions(), params);
-  return Run(pool, g, kBackwardWeights, x.typed_data(), dw->typed_data(), dy.typed_data());
+ffi::Error BackwardData(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                        ffi::Span<const int64_t> params) {
+  if (auto error = CheckTypes(dy, w, dx->element_type()); error.failure()) return error;
+  Geometry g = FromShapes(dx->dimensions(), w.dimensions(), dy.dimensions(), params, dy.element_type());
+  return Run(pool, g, kBackwardData, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+}
+
+ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                           ffi::Span<const int64_t> params) {
+  if (auto error = CheckTypes(x, dy, dw->element_type()); error.failure()) return error;
+  Geometry g = FromShapes(x.dimensions(), dw->dimensions(), dy.dimensions(), params, x.element_type());
+  return Run(pool, g, kBackwardWeights, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
 }
 
 }  // namespace
@@ -268,9 +312,9 @@ ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 #define JAXCNN_BILINEAR_BINDING                  \
   ffi::Ffi::Bind()                               \
       .Ctx<ffi::ThreadPool>()                    \
-      .Arg<ffi::Buffer<ffi::F32>>()              \
-      .Arg<ffi::Buffer<ffi::F32>>()              \
-      .Ret<ffi::Buffer<ffi::F32>>()              \
+      .Arg<ffi::AnyBuffer>()                     \
+      .Arg<ffi::AnyBuffer>()                     \
+      .Ret<ffi::AnyBuffer>()                     \
       .Attr<ffi::Span<const int64_t>>("params")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnConvFwd, Forward, JAXCNN_BILINEAR_BINDING);
@@ -278,10 +322,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnConvBwdData, BackwardData, JAXCNN_BILINEAR_B
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnConvBwdWeights, BackwardWeights, JAXCNN_BILINEAR_BINDING);
 
 // dims = [n, h, w, cin, kh, kw, cout, ho, wo, stride_h, stride_w, pad_t, pad_b, pad_l, pad_r, dil_h, dil_w, groups,
-//         threads]
+//         threads, bf16]
 extern "C" const char* JaxcnnConvImpl(int64_t op, const int64_t* d, char* error, int64_t error_len) {
   Geometry g{d[0],  d[1],  d[2],  d[3],  d[4],  d[5],  d[6],  d[7],  d[8], d[9],
-             d[10], d[11], d[12], d[13], d[14], d[15], d[16], d[17], d[18]};
+             d[10], d[11], d[12], d[13], d[14], d[15], d[16], d[17], d[18], d[19]};
   try {
     return Get(g, static_cast<Op>(op))->impl.c_str();  // cache entries live as long as the process
   } catch (const std::exception& err) {
