@@ -1,6 +1,6 @@
 """Fixed filters on real digits: Gaussian blur and Sobel edges, through jaxcnn's depthwise conv.
 
-    python examples/filters_demo.py                      # MNIST test images from the shared data folder
+    python examples/filters_demo.py                      # MNIST test images from ../shared/data/mnist
     python examples/filters_demo.py --images PATH.gz --count 6 --out runs/filters_demo.png
 
 Reads an IDX image file (``t10k-images-idx3-ubyte.gz``) with gzip + numpy and writes one PNG: a row per image,
@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 
 from jaxcnn.nn import filters  # noqa: E402
 
-DEFAULT_IMAGES = "/work/shared/data/mnist/t10k-images-idx3-ubyte.gz"
+# MNIST in ../shared/data/mnist beside the repository, where jaxcnn's readers look for it too.
+DEFAULT_IMAGES = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz")
 
 
 def read_idx_images(path: str | Path, count: int) -> np.ndarray:
