@@ -235,8 +235,11 @@ def test_damaged_latest_step_falls_back_and_is_moved_aside(tmp_path, kind, capsy
     err = capsys.readouterr().err
     assert "warning: checkpoint at step 20" in err, err
     assert ck.warnings and "step 20" in ck.warnings[0]
-    moved = list((tmp_path / "checkpoints_damaged").iterdir())
-    assert len(moved) == 1 and moved[0].name.startswith("20")
+    if kind == "half-written step":  # a save that never finished: Orbax's clean-up deletes it
+        assert not (tmp_path / "checkpoints_damaged").exists()
+    else:
+        moved = list((tmp_path / "checkpoints_damaged").iterdir())
+        assert len(moved) == 1 and moved[0].name.startswith("20")
     assert not any(p.name.startswith("20") for p in ckpts.iterdir())
 
     # Training goes on from 10: the next saves (keep=2) never delete the good step 10 for the damaged 20.
