@@ -105,9 +105,11 @@ class TrainConfig:
     log_every_steps: int = 50
     eval_every_epochs: int = 1  # 0 = only at the end
     # Train steps per compiled call (one lax.fori_loop over the epoch's device-resident batches): 0 = every step up
-    # to the next log, checkpoint or evaluation point in one call; n >= 1 = at most n. The same updates either way;
-    # a SIGTERM/SIGINT is honoured (checkpoint, exit) when the current call returns.
+    # to the next log, checkpoint or evaluation point in one call; n >= 1 = at most n. The same updates either way.
     steps_per_call: int = 0
+    # ... and at most as many as take this long at the pace of the previous call: a SIGTERM/SIGINT is honoured
+    # (checkpoint, exit) when the running call returns, so this bounds how long a stop takes.
+    max_seconds_per_call: float = 5.0
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     progress: bool = True  # the console progress bar
     # Stop with an error at the first non-finite loss or gradient.
@@ -326,8 +328,33 @@ def set_value(cfg: Config, key: str, value: Any) -> Config:
     if parts[1] not in fields:
         raise ConfigError(f"unknown config key {key!r}; valid keys in {parts[0]}: {', '.join(fields)}")
     section = getattr(cfg, parts[0])
-    section = dataclasses.replace(section, **{parts[1]: parse_value(value, fields[parts[1]], key)})
+    parsed = parse_value(value, fields[parts[1]], key)
+    _check_value(key, parsed)
+    section = dataclasses.replace(section, **{parts[1]: parsed})
     return dataclasses.replace(cfg, **{parts[0]: section})
+
+
+# Values a key's type allows but the run does not: key → (test, what is allowed). Checked where a key is set and by
+# validate_config (for configs built in Python).
+VALUE_RULES: dict[str, tuple[Any, str]] = {
+    "train.steps": (lambda v: v is None or v >= 1, "a whole number >= 1, or none to train for train.epochs"),
+    "train.epochs": (lambda v: v > 0, "a number > 0"),
+    "train.steps_per_call": (lambda v: v >= 0, "0 (every step up to the next log, checkpoint or evaluation point in "
+                                               "one call) or a positive cap"),
+    "train.max_seconds_per_call": (lambda v: v > 0, "a number of seconds > 0"),
+}
+
+
+def _check_value(key: str, value: Any) -> None:
+    rule = VALUE_RULES.get(key)
+    if rule is not None and not rule[0](value):
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {rule[1]}")
+
+
+def validate_config(cfg: Config) -> None:
+    """Checks the values every key's type allows but the run does not (VALUE_RULES); raises ConfigError."""
+    for key, value in flatten_config(cfg).items():
+        _check_value(key, value)
 
 
 def _first_field(section: str) -> str:
@@ -457,4 +484,6 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     cfg = dataclasses.replace(cfg, model=validate_model_section(cfg.model))
     if not cfg.name:
         cfg = dataclasses.replace(cfg, name=Path(path).stem)
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    validate_config(cfg)
+    return cfg

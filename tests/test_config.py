@@ -89,3 +89,31 @@ def test_experiment_docstrings_state_command_runtime_and_result():
         doc = (path.read_text().split('"""') + ["", ""])[1]
         for word in ("Command:", "Runtime:", "Expected:"):
             assert word in doc, f"{path}: docstring lacks {word!r}"
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("train.steps=-5", ["train.steps=-5", "a whole number >= 1", "train.epochs"]),
+        ("train.steps=0", ["train.steps=0", ">= 1"]),
+        ("train.epochs=0", ["train.epochs=0.0", "> 0"]),
+        ("train.steps_per_call=-1", ["train.steps_per_call=-1", "positive cap"]),
+        ("train.max_seconds_per_call=0", ["train.max_seconds_per_call=0.0", "seconds > 0"]),
+    ],
+)
+def test_values_outside_a_key_s_range_are_refused_naming_the_key(override, fragments):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), [override])
+    for f in fragments:
+        assert f in str(e.value), str(e.value)
+
+
+def test_a_config_built_in_python_is_checked_too():
+    import dataclasses
+
+    from jaxcnn.config import TrainConfig, validate_config
+
+    validate_config(Config())
+    with pytest.raises(ConfigError, match=r"train\.steps=-5 is not allowed"):
+        validate_config(dataclasses.replace(Config(), train=TrainConfig(steps=-5)))
+    assert apply_overrides(Config(), ["train.steps=none"]).train.steps is None

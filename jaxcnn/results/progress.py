@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 from tqdm import tqdm
@@ -12,14 +11,12 @@ from tqdm import tqdm
 class Progress:
     """One bar over the whole run's optimizer steps; `update` is called at logging intervals only.
 
-    Images/s is measured over the last logging interval; the ETA comes from tqdm's rate over the run.
+    Images/s comes from the caller (the loop times its compiled calls); the ETA comes from tqdm's rate over the run.
     """
 
-    def __init__(self, total_steps: int, initial_step: int, batch_size: int, enabled: bool = True, desc: str = "train"):
-        self.batch_size = batch_size
+    def __init__(self, total_steps: int, initial_step: int, enabled: bool = True, desc: str = "train"):
         self.enabled = enabled
         self._last_step = initial_step
-        self._last_time = time.perf_counter()
         self.bar = tqdm(
             total=total_steps,
             initial=initial_step,
@@ -31,23 +28,16 @@ class Progress:
             mininterval=0.5,
         )
 
-    def update(self, step: int, epoch: int, metrics: dict[str, Any]) -> float:
-        """Moves the bar to `step` and shows the metrics; returns images/s since the last update."""
-        now = time.perf_counter()
-        steps = step - self._last_step
-        ips = steps * self.batch_size / max(now - self._last_time, 1e-9)
-        self._last_step, self._last_time = step, now
+    def update(self, step: int, epoch: int, metrics: dict[str, Any], images_per_s: float | None = None) -> None:
+        """Moves the bar to `step` and shows the metrics and images/s (None: not measured in this interval)."""
+        steps, self._last_step = step - self._last_step, step
         if self.enabled:
             self.bar.set_postfix(
                 epoch=epoch, loss=f"{metrics.get('loss', float('nan')):.4f}",
-                acc=f"{metrics.get('accuracy', float('nan')):.4f}", img_s=f"{ips:,.0f}", refresh=False,
+                acc=f"{metrics.get('accuracy', float('nan')):.4f}",
+                img_s="-" if images_per_s is None else f"{images_per_s:,.0f}", refresh=False,
             )
             self.bar.update(steps)
-        return ips
-
-    def reset_clock(self) -> None:
-        """Excludes time spent outside training (evaluation, checkpoints) from the next images/s figure."""
-        self._last_time = time.perf_counter()
 
     def write(self, text: str) -> None:
         if self.enabled:

@@ -68,16 +68,29 @@ def _summary_writer_class() -> type:
 class MetricsWriter:
     """Appends records to metrics.jsonl and mirrors scalars to TensorBoard (tensorboardX) under `tb/`.
 
+    resume_step: the step the run starts from. Records of later steps (logged by an interrupted run after its last
+    checkpoint, and logged again after the resume) are dropped from metrics.jsonl, which is rewritten atomically, so
+    a resumed run's file holds what an uninterrupted run's holds. TensorBoard's event files are append-only: a
+    resumed run writes a new event file that starts with a SessionLog.START event at step resume_step + 1
+    (tensorboardX's `purge_step`), on which TensorBoard drops the earlier files' events from that step on.
+
     Only the main process writes; on other processes every call is a no-op.
     """
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    def __init__(self, workdir: str | Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.workdir = Path(workdir)
         self._tb = None
         if enabled:
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
-            self._tb = _summary_writer_class()(logdir=str(self.workdir / "tb"), flush_secs=10)
+            path = self.workdir / "metrics.jsonl"
+            resumed = path.exists()
+            if resumed:
+                truncate_jsonl(path, resume_step)
+            self._jsonl = open(path, "a", buffering=1)
+            self._tb = _summary_writer_class()(
+                logdir=str(self.workdir / "tb"), flush_secs=10, purge_step=resume_step + 1 if resumed else None,
+                filename_suffix=f".{os.getpid()}.{resume_step}",  # two writers in one second get two files
+            )
 
     def write(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
         """kind: 'train' or 'eval' (or another label); values: scalars."""
@@ -93,6 +106,15 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def truncate_jsonl(path: str | Path, last_step: int) -> None:
+    """Rewrites a metrics.jsonl atomically without the records of steps after `last_step` (and a torn last line)."""
+    path = Path(path)
+    kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= last_step]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:

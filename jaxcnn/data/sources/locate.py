@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
@@ -117,10 +118,26 @@ def read_first_usable(
 ) -> T:
     """`read_folder` on the first usable folder of search_dirs(dataset, data_dir), or DatasetNotFoundError
     saying what was `looked_for`, what was wrong in each folder, and the `remedies`."""
-    result, notes = first_usable(search_dirs(dataset, data_dir), read_folder)
+    used: list[Path] = []
+
+    def read_and_note(folder: Path) -> T | None:
+        result = read_folder(folder)
+        used.append(folder)
+        return result
+
+    result, notes = first_usable(search_dirs(dataset, data_dir), read_and_note)
     if result is None:
         raise DatasetNotFoundError(dataset, split, [f"Looked for {looked_for} in:", *notes], remedies)
+    env_dir = os.environ.get(DATA_DIR_ENV) if data_dir is None else None
+    if env_dir and not used[-1].absolute().is_relative_to(Path(env_dir).expanduser().absolute()):
+        note = f"note: {DATA_DIR_ENV}={env_dir} holds no usable {dataset} files; read them from {used[-1]}"
+        if note not in _NOTES_PRINTED:  # once per process, not once per split
+            _NOTES_PRINTED.add(note)
+            print(note, file=sys.stderr, flush=True)
     return result
+
+
+_NOTES_PRINTED: set[str] = set()
 
 
 def common_remedies(dataset: str) -> list[str]:
