@@ -11,7 +11,7 @@ what changes is how their operands reach them, and the filter gradient of groupe
   into a strided loop several times slower (in a CIFAR ResNet-20 step those transposes took a third of the time
   on 2 CPU cores). Here the forward pass routes the input through `materialized`, an identity that XLA cannot fuse
   across, so the transpose copies the activation the forward pass already wrote.
-- **Grouped and depthwise filter gradients** (jax-ml/jax#13800, #23713): XLA expands ``batch_group_count``
+- **Grouped and depthwise filter gradients** (jax-ml/jax#13800, jax-ml/jax#23713): XLA expands ``batch_group_count``
   convolutions into a dense convolution ``groups`` times larger. Depthwise convolutions (one input channel per
   group) get their filter gradient here as ``KH * KW`` fused multiply-reductions over ``(N, H_out, W_out)``;
   other grouped convolutions as one dense filter gradient per group.
