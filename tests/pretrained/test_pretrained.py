@@ -335,11 +335,22 @@ def test_finetune_experiment_plans_three_starts_on_grey_images():
     doc = load_experiment_module(path).__doc__
     assert all(field in doc for field in ("Command:", "Question:", "Runtime:", "Expected:"))
     plan = {r.variant: cfg for r, cfg in plan_sweep(path)}
-    assert list(plan) == ["frozen", "finetune", "scratch"]
+    assert list(plan) == ["frozen", "frozen-batchstats", "finetune", "scratch"]
     assert plan["scratch"].transfer.init_from is None and plan["finetune"].transfer.init_from
-    assert plan["frozen"].transfer.freeze == ("^stem", "^stage")
+    assert plan["frozen"].transfer.freeze == plan["frozen-batchstats"].transfer.freeze == ("^stem", "^stage")
+    assert plan["frozen"].model["bn_eval"] and "bn_eval" not in plan["frozen-batchstats"].model
     cfg = plan["finetune"]
     model = create_model(cfg.model["name"], **{k: v for k, v in cfg.model.items() if k != "name"})
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1))))
     assert variables["params"]["stem"]["conv"]["kernel"].shape == (7, 7, 3, 64)  # the pretrained stem fits
     assert jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 28, 28, 1))), variables).shape == (2, 10)
+    # bn_eval: the frozen backbone's BatchNorm normalises training batches with the running statistics, as
+    # evaluation does, and leaves them unchanged
+    probe = create_model(cfg.model["name"], bn_eval=True)
+    v = jax.tree_util.tree_map(lambda s: jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, s.shape), s.dtype),
+                               variables)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 28, 28, 1)), jnp.float32)
+    trained, updates = probe.apply(v, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(trained, probe.apply(v, x, train=False), rtol=1e-5)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(updates["batch_stats"]),
+                                                    jax.tree_util.tree_leaves(v["batch_stats"])))
