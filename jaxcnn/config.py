@@ -147,7 +147,9 @@ class CheckpointConfig:
 class TransferConfig:
     """Start from another run's parameters, freeze some (see jaxcnn.train.transfer)."""
 
-    init_from: str | None = None  # a run workdir, a checkpoint folder, or an exported .msgpack file
+    # a run workdir, a checkpoint folder, an exported .msgpack file, or PyTorch weights: torchvision:ARCH=PATH,
+    # timm:ARCH=PATH, hf-hub:timm/ARCH.TAG (see jaxcnn.pretrained, docs/pretrained.md)
+    init_from: str | None = None
     freeze: tuple[str, ...] = ()  # regular expressions over parameter paths like 'Conv_0/kernel'
     unfreeze_at_epoch: float | None = None
 
