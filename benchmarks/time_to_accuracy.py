@@ -13,10 +13,13 @@ to the written summary; the Python and JAX imports before it, about 2 s, are pri
 is the mean test accuracy and the mean time over the seeds; the run meets the goal when the mean accuracy reaches
 `--target` and the mean time stays under `--budget` seconds.
 
-`--torch` also trains the recipe's network in plain PyTorch eager (benchmarks/torch_models.py: the same layers,
-widths and initial-learning-rate schedule, batch, loss, label smoothing, optimizer, flip augmentation and flip
-test-time augmentation), on the same data, for the same seeds, one after the other with the jaxcnn runs, and
-prints its figures beside them. PyTorch is optional (`pip install torch==2.13.0`).
+`--torch` also trains the recipe's network in PyTorch (benchmarks/torch_models.py: the same layers, widths and
+initial-learning-rate schedule, batch, loss, label smoothing, optimizer, flip augmentation and flip test-time
+augmentation), on the same data, for the same seeds, one after the other with the jaxcnn runs, and prints its
+figures beside them. `--torch-config` picks PyTorch's configuration (benchmarks/vs_pytorch.py: eager,
+channels_last, compile, compile+channels_last; default compile+channels_last, the fastest on this CPU; its
+compilation counts in its time, as jaxcnn's does); a recipe with `train.compute_dtype=bfloat16` runs PyTorch's
+steps under `torch.autocast(dtype=torch.bfloat16)`. PyTorch is optional (`pip install torch==2.13.0`).
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ def run_jaxcnn(experiment: Path, seed: int, workdir: Path, overrides: list[str])
     return summary
 
 
-def run_torch(cfg: Any, seed: int) -> dict[str, Any]:
-    """The recipe's network and training in PyTorch eager; returns {'test_accuracy', 'wall_s', 'train_images_per_s'}.
+def run_torch(cfg: Any, seed: int, config: str = "compile+channels_last") -> dict[str, Any]:
+    """The recipe's network and training in PyTorch in `config` (a key of vs_pytorch.TORCH_CONFIGS); returns
+    {'test_accuracy', 'wall_s', 'train_images_per_s'}.
 
     Mirrors what `jaxcnn train` does with the config: uint8 images normalised with the dataset's mean/std,
     the flip augmentation (random or alternating per example index), SGD with Nesterov momentum and weight decay
@@ -77,6 +81,7 @@ def run_torch(cfg: Any, seed: int) -> dict[str, Any]:
     from jaxcnn.train.loop import total_steps_of
     from jaxcnn.train.optim import lr_at, make_schedule
     from torch_models import VGG
+    from vs_pytorch import TORCH_CONFIGS
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)
@@ -97,6 +102,11 @@ def run_torch(cfg: Any, seed: int) -> dict[str, Any]:
 
     model = VGG(tuple(model_cfg["stage_sizes"]), tuple(model_cfg["stage_widths"]), num_classes=info.num_classes,
                 in_channels=channels).train()
+    channels_last, compiled = TORCH_CONFIGS[config]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    forward = torch.compile(model) if compiled else model  # training steps; the evaluation runs the model eagerly
+    autocast = str(cfg.train.compute_dtype) == "bfloat16"
     o = cfg.optim
     # jaxcnn's weight_decay_mask: 'kernels' decays conv and dense weights (ndim > 1), 'all' every parameter.
     decay = [p for p in model.parameters() if p.ndim > 1 or o.weight_decay_mask == "all"]
@@ -111,7 +121,7 @@ def run_torch(cfg: Any, seed: int) -> dict[str, Any]:
     flip_bit = torch.from_numpy(rng.integers(0, 2, len(y_train)).astype(bool))
 
     def prep(images: torch.Tensor) -> torch.Tensor:
-        return (images.float() / 255.0 - mean / 255.0) / (std / 255.0)
+        return ((images.float() / 255.0 - mean / 255.0) / (std / 255.0)).contiguous(memory_format=memory_format)
 
     step = 0
     t_train = time.perf_counter()
@@ -134,7 +144,8 @@ def run_torch(cfg: Any, seed: int) -> dict[str, Any]:
             for group in opt.param_groups:
                 group["lr"] = lr_at(schedule, step)
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(prep(images)), y_train[idx], label_smoothing=o.label_smoothing)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = F.cross_entropy(forward(prep(images)), y_train[idx], label_smoothing=o.label_smoothing)
             loss.backward()
             opt.step()
             step += 1
@@ -174,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=120.0, help="mean seconds per run to stay under")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for the jaxcnn runs (as in `jaxcnn train --set`)")
-    parser.add_argument("--torch", action="store_true", help="also train the recipe in PyTorch eager")
+    parser.add_argument("--torch", action="store_true", help="also train the recipe in PyTorch")
+    parser.add_argument("--torch-config", default="compile+channels_last",
+                        choices=("eager", "channels_last", "compile", "compile+channels_last"),
+                        help="PyTorch's configuration (default: compile+channels_last)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp folder)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
         except ImportError as err:
             parser.error(f"--torch needs PyTorch ({err}); pip install torch==2.13.0")
-        print(f"PyTorch {torch.__version__}, {os.cpu_count()} threads")
+        print(f"PyTorch {torch.__version__}, {os.cpu_count()} threads, {args.torch_config}")
     import platform
 
     load = os.getloadavg()
@@ -210,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(process {run['process_s']:.1f} s, {run['train_images_per_s']:,.0f} train images/s, jax "
               f"{run['jax_version']})", flush=True)
         if args.torch:
-            trun = run_torch(cfg, seed)
+            trun = run_torch(cfg, seed, args.torch_config)
             torch_runs.append(trun)
             print(f"seed {seed}  PyTorch test accuracy {100 * trun['test_accuracy']:.2f}%  time {trun['wall_s']:.1f} s "
                   f"({trun['train_images_per_s']:,.0f} train images/s)", flush=True)
