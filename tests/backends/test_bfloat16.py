@@ -109,3 +109,31 @@ def test_bfloat16_with_the_native_kernels_switched_off_does_not_warn(monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _fast(jnp.ones((2, 6, 6, 4), jnp.bfloat16), jnp.ones((3, 3, 4, 4), jnp.bfloat16), (1, 1), ((1, 1),) * 2, 1)
+
+
+def test_bfloat16_dense_product_runs_in_float32_sgemm_and_matches_the_reference():
+    if not kernels.available():
+        pytest.skip("the native kernels are not built here")
+    from jaxcnn.backends.cpu import dense
+
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(rng.standard_normal((2, 16, 40)), jnp.float32).astype(jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((40, 24)), jnp.float32).astype(jnp.bfloat16)
+    dims = (((2,), (0,)), ((), ()))
+
+    def loss(product, a, b):
+        y = product(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims)
+        return (y.astype(jnp.float32) * jnp.sin(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))).sum(), y
+
+    def reference(a, b, dims):  # float32 arithmetic on the bfloat16 values, rounded once
+        return lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims).astype(jnp.bfloat16)
+
+    fast = jax.jit(jax.value_and_grad(lambda a, b: loss(dense.dot_general, a, b), argnums=(0, 1), has_aux=True))
+    assert "jaxcnn_onednn_matmul" in fast.lower(a, b).as_text()
+    (_, y), (da, db) = fast(a, b)
+    (_, y_ref), (da_ref, db_ref) = jax.value_and_grad(lambda a, b: loss(reference, a, b), argnums=(0, 1),
+                                                      has_aux=True)(a, b)
+    assert y.dtype == da.dtype == jnp.bfloat16
+    for got, want in [(y, y_ref), (da, da_ref), (db, db_ref)]:
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.abs(got - want).max() / np.abs(want).max() < BF16_TOLERANCE

@@ -56,8 +56,8 @@ def test_gradients_hessian_and_forward_mode_match_xla():
 
 @needs_onednn
 def test_dense_layer_runs_it_and_matches_flax():
-    """layers.Dense: leading axes flattened into rows, same values and gradients as nn.Dense; bfloat16 and other
-    dot_generals keep XLA's dot."""
+    """layers.Dense: leading axes flattened into rows, same values and gradients as nn.Dense; bfloat16 runs it too
+    (widened to float32, tests/backends/test_bfloat16.py), float16 and other dot_generals keep XLA's dot."""
     x, _ = operands((4, 3, 10), (1,), seed=4)
     variables = nn.Dense(7).init(jax.random.PRNGKey(0), x)
     loss = lambda layer: (lambda v: jnp.sum(jnp.sin(layer.apply(v, x))))  # noqa: E731
@@ -67,7 +67,9 @@ def test_dense_layer_runs_it_and_matches_flax():
                          jax.tree_util.tree_leaves(jax.grad(loss(nn.Dense(7)))(variables))):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     low = jax.jit(lambda v: layers.Dense(7, dtype=jnp.bfloat16).apply(v, x))
-    assert "jaxcnn_onednn_matmul" not in low.lower(variables).as_text()
+    assert "jaxcnn_onednn_matmul" in low.lower(variables).as_text()
+    half = jax.jit(lambda v: layers.Dense(7, dtype=jnp.float16).apply(v, x))
+    assert "jaxcnn_onednn_matmul" not in half.lower(variables).as_text()
     batched = jnp.ones((2, 5, 3))
     dims = (((1,), (1,)), ((0,), (0,)))  # a batched contraction: not a dense layer's product
     np.testing.assert_allclose(fast_dense.dot_general(batched, batched, dims),

@@ -30,9 +30,9 @@ def _native(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, preferred_el
         return False
     if tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,):
         return False
-    if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+    if lhs.dtype != rhs.dtype or lhs.dtype not in (jnp.float32, jnp.bfloat16):
         return False
-    if preferred_element_type is not None and jnp.dtype(preferred_element_type) != jnp.float32:
+    if preferred_element_type is not None and jnp.dtype(preferred_element_type) != lhs.dtype:
         return False
     if 0 in (int(np.prod(lhs.shape[:-1])), lhs.shape[-1], rhs.shape[1]):
         return False
@@ -42,10 +42,16 @@ def _native(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, preferred_el
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
                 preferred_element_type: Any = None, **kwargs: Any) -> jax.Array:
     """`lax.dot_general` with the same signature; a dense layer's product (lhs ``[..., K]`` x rhs ``[K, N]``) of
-    float32 operands on the CPU runs in oneDNN."""
+    float32 operands on the CPU runs in oneDNN.
+
+    bfloat16 operands are widened to float32 (exactly), multiplied by oneDNN's sgemm and the product rounded to
+    bfloat16: what a bfloat16 product with float32 accumulation gives, where XLA's CPU bfloat16 dot ran 18x slower
+    than its float32 one (128x784 @ 784x300: 18.8 ms against 1.05 ms, 2026-12-06).
+    """
     if not kwargs and _native(lhs, rhs, dimension_numbers, preferred_element_type):
-        out = kernels.matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
-        return out.reshape(*lhs.shape[:-1], rhs.shape[1])
+        dtype = lhs.dtype
+        out = kernels.matmul(lhs.reshape(-1, lhs.shape[-1]).astype(jnp.float32), rhs.astype(jnp.float32))
+        return out.reshape(*lhs.shape[:-1], rhs.shape[1]).astype(dtype)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type, **kwargs)
 
