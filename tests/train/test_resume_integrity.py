@@ -22,6 +22,9 @@ from test_resume import assert_bit_identical, config, leaves_of  # noqa: E402
 from jaxcnn.results import writers  # noqa: E402
 from jaxcnn.train import checkpoint as ckpt_lib  # noqa: E402
 
+# TensorStore may finish a failed read's callbacks after Orbax closed its event loop: harmless noise.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 RUN = ("train.steps=20", "checkpoint.every_steps=6", "checkpoint.keep=4")  # saves 6, 12, 18 and 20 (epoch end)
 
 
