@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jaxcnn.config import Config, DataConfig, OptimConfig, ScheduleConfig, TrainConfig, TransferConfig
 from jaxcnn.models import list_models, register_model
 from jaxcnn.models.resnet import ResNet
-from jaxcnn.results.sweep import chain, named
+from jaxcnn.results.sweep import chain, named, product, seeds
 
 MODEL = "resnet18_from_gray"
 WEIGHTS = os.environ.get("FINETUNE_WEIGHTS", "hf-hub:timm/resnet18.a1_in1k")  # the config that ran is saved
@@ -92,12 +92,13 @@ def get_config() -> Config:
 
 
 def sweep() -> list[dict]:
-    return chain(
+    variants = chain(
         named("frozen", {"transfer.freeze": ("^stem", "^stage"), "model.bn_eval": True}),
         named("frozen-batchstats", {"transfer.freeze": ("^stem", "^stage")}),
         named("finetune", {}),
         named("scratch", {"transfer.init_from": None}),
     )
+    return product(variants, seeds(3))
 
 
 # ---------------------------------------------------------------------------------------------------------
