@@ -25,7 +25,7 @@ from typing import Iterator
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, make_single_device_sharding
 
 from jaxcnn.data.dataset import ArrayDataset
 
@@ -57,7 +57,7 @@ def batch_sharding(sharding: Sharding | None) -> Sharding:
     """The loaders' batch sharding: None -> the first local device; NamedSharding(mesh, P('data', ...)) -> the
     same with only its leading entry (images [B, H, W, C] and labels [B] share it). Other axes must be unsharded."""
     if sharding is None:
-        return SingleDeviceSharding(jax.local_devices()[0])
+        return make_single_device_sharding(jax.local_devices()[0])
     if isinstance(sharding, NamedSharding):
         if any(axis is not None for axis in tuple(sharding.spec)[1:]):
             raise ValueError(
@@ -71,14 +71,14 @@ def batch_sharding(sharding: Sharding | None) -> Sharding:
 
 def batch_shard_count(sharding: Sharding) -> int:
     """How many parts `sharding` splits a batch's leading axis into (the data-parallel device count)."""
-    if isinstance(sharding, SingleDeviceSharding):
-        return 1
     if isinstance(sharding, NamedSharding):
         axes = sharding.spec[0] if len(sharding.spec) else None
         if axes is None:
             return 1
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         return math.prod(sharding.mesh.shape[a] for a in axes)
+    if len(sharding.device_set) == 1:  # one device (make_single_device_sharding)
+        return 1
     raise TypeError(
         f"batch sharding {sharding!r} is not supported: pass NamedSharding(mesh, P('data')) or None (one device)"
     )

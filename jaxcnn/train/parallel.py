@@ -60,7 +60,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, Sharding, make_single_device_sharding
 from jax.sharding import PartitionSpec as P
 
 from jaxcnn import backends
@@ -307,7 +307,7 @@ class Strategy:
         batch; pass it for evaluation batches).
         """
         b = self.global_batch_size if batch_size is None else batch_size
-        if self.process_count == 1 and isinstance(self.batch_sharding, SingleDeviceSharding):
+        if self.process_count == 1 and len(self.batch_sharding.device_set) == 1:
             return {k: jax.device_put(np.asarray(v), self.batch_sharding) for k, v in local_batch.items()}
         return {
             k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v), (b,) + np.shape(v)[1:])
@@ -588,7 +588,7 @@ def make_strategy(cfg: ParallelConfig, global_batch_size: int, *, accum_steps: i
             devices=tuple(devices),
             axis_name=None,
             model_overrides={},
-            batch_sharding=SingleDeviceSharding(devices[0]),
+            batch_sharding=make_single_device_sharding(devices[0]),
             global_batch_size=global_batch_size,
         )
     if cfg.strategy == "jit":

@@ -106,9 +106,38 @@ def test_bfloat16_compute_dtype():
     assert dx.dtype == jnp.bfloat16
 
 
-def test_make_norm_keeps_flax_under_an_axis_name():
-    assert isinstance(layers.make_norm("batch", train=True), layers.BatchNorm)
-    assert isinstance(layers.make_norm("batch", train=True, axis_name="batch"), nn.BatchNorm)
+@pytest.mark.parametrize("relu", [False, True])
+def test_axis_name_matches_flax_synced_batchnorm_under_pmap(relu):
+    """make_norm(axis_name=...) is jaxcnn's BatchNorm with its per-channel sums all-reduced: under pmap over 8
+    devices it gives flax's synced BatchNorm's outputs and gradients (summed over devices), and the whole batch's
+    running statistics on every device."""
+    assert isinstance(layers.make_norm("batch", train=True, axis_name="b"), layers.BatchNorm)
+    d = jax.device_count()
+    x, weights = random_inputs((2 * d, 4, 4, 5))
+    ours = layers.make_norm("batch", train=True, axis_name="b", activation=jax.nn.relu if relu else None)
+    flax = nn.BatchNorm(use_running_average=False, axis_name="b", use_fast_variance=False)
+    variables = variables_for(layers.make_norm("batch", train=True), x)
+
+    def run(module, then_relu=False):
+        def loss(params, x, w):
+            y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                      mutable=["batch_stats"])
+            y = jax.nn.relu(y) if then_relu else y
+            return jnp.sum(jnp.sin(y) * w), (y, updates["batch_stats"])
+
+        grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+        split = lambda a: a.reshape(d, -1, *a.shape[1:])  # noqa: E731
+        replicated = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (d, *a.shape)), variables["params"])
+        (dparams, dx), (y, stats) = jax.pmap(grad, axis_name="b")(replicated, split(x), split(weights))
+        return jax.tree_util.tree_map(lambda g: g.sum(0), dparams), dx.reshape(x.shape), y.reshape(x.shape), stats
+
+    got, want = run(ours), run(flax, then_relu=relu)
+    for a, b in zip(jax.tree_util.tree_leaves(got[:3]), jax.tree_util.tree_leaves(want[:3])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6)
+    x64, start = np.asarray(x, np.float64), variables["batch_stats"]  # running statistics: by hand, every replica
+    for name, batch in (("mean", x64.mean((0, 1, 2))), ("var", x64.var((0, 1, 2)))):
+        want_stat = 0.9 * np.asarray(start[name], np.float64) + 0.1 * batch
+        np.testing.assert_allclose(np.asarray(got[3][name]), np.broadcast_to(want_stat, (d, 5)), rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- oneDNN's fused kernels (CPU)
