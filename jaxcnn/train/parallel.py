@@ -12,15 +12,18 @@
     state, sums = train_steps(state, loader.epoch_arrays(epoch), first, count, base_rng, step0)
     host_state = strategy.unreplicate(state)             # numpy, the same for every strategy (checkpoints, logs)
 
-The strategies (`parallel.strategy`) compute the same thing, to float rounding (tests/train/test_parallel.py):
+The strategies (`parallel.strategy`) compute the same thing, to float rounding (tests/train/test_parallel.py; the
+tolerances per step and over a run: tests/train/test_device_equivalence.py, docs/architecture.md):
 
 - `jit` (default): one program over a `Mesh` of all devices with axis `data`; the batch is sharded along it
   (`P('data')`), the state replicated (`P()`). The step is written for the global batch and XLA inserts the
   collectives. BatchNorm runs WITHOUT an axis name: its batch mean is a reduction over the global batch, i.e.
-  synced BatchNorm. `axis_name` is None.
+  synced BatchNorm. `axis_name` is None. On CPU devices the backend's native kernels are custom calls without a
+  partitioning rule: XLA gathers the batch and each device runs them on the global batch (`single`'s values, no data
+  parallelism; docs/architecture.md, "Many devices").
 - `pmap`: `jax.pmap(step, axis_name='batch')`; each device sees its [B/D, ...] part, the state carries a leading
   replica axis [D_local, ...], the step `pmean`s gradients and metrics over 'batch' and BatchNorm gets
-  `bn_axis_name='batch'` (synced statistics).
+  `bn_axis_name='batch'` (synced statistics: the backend's closed form with its per-channel sums all-reduced).
 - `shard_map`: `jax.jit(jax.shard_map(step, mesh, in_specs=(P(), P('batch'), P()), out_specs=P(),
   check_vma=False))`: per-device code with the same explicit collectives as pmap. `check_vma=False` is required
   with a step that `pmean`s its gradients: with the default `check_vma=True`, the transpose of the implicit
