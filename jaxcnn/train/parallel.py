@@ -18,9 +18,9 @@ tolerances per step and over a run: tests/train/test_device_equivalence.py, docs
 - `jit` (default): one program over a `Mesh` of all devices with axis `data`; the batch is sharded along it
   (`P('data')`), the state replicated (`P()`). The step is written for the global batch and XLA inserts the
   collectives. BatchNorm runs WITHOUT an axis name: its batch mean is a reduction over the global batch, i.e.
-  synced BatchNorm. `axis_name` is None. On CPU devices the backend's native kernels are custom calls without a
-  partitioning rule: XLA gathers the batch and each device runs them on the global batch (`single`'s values, no data
-  parallelism; docs/architecture.md, "Many devices").
+  synced BatchNorm. `axis_name` is None. On several CPU devices the step traces XLA's kernels only: the backend's
+  native kernels are custom calls without a partitioning rule, which XLA would run whole on every device
+  (docs/architecture.md, "Many devices").
 - `pmap`: `jax.pmap(step, axis_name='batch')`; each device sees its [B/D, ...] part, the state carries a leading
   replica axis [D_local, ...], the step `pmean`s gradients and metrics over 'batch' and BatchNorm gets
   `bn_axis_name='batch'` (synced statistics: the backend's closed form with its per-channel sums all-reduced).
@@ -42,6 +42,8 @@ with ghost BatchNorm the mean over devices of per-slice statistics is the single
 
 CPU threads: every strategy traces its steps inside `jaxcnn.backends.concurrent_devices(n)`, n = its devices in
 this process, so the native CPU kernels get every core on one device and cores // n each when n devices run at once.
+The jit strategy on several devices traces XLA's kernels only: the native ones are custom calls that XLA's
+SPMD partitioner cannot split, so it would gather the batch and run each whole on every device.
 
 Multi-host: call `init_distributed` first. The devices are ordered by process (process 0's, then process 1's,
 ...), so process p of P holds rows [p·B/P, (p+1)·B/P) of every global batch and loads only those
@@ -52,6 +54,7 @@ Launching on SLURM and TPU pod slices: docs/multihost.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -375,10 +378,14 @@ class Strategy:
     def _traced_here(self, fn: Callable) -> Callable:
         """`fn`, traced with the backend told how many of this process's devices run it at once (its thread share)."""
         n = len(self.local_devices)
+        # The native CPU kernels are custom calls without partitioning rules: under the jit strategy XLA would gather
+        # the global batch and run each of them whole on every device. With several devices that strategy therefore
+        # traces XLA's own kernels, which its SPMD partitioner splits over the batch.
+        xla_only = self.name == "jit" and self.num_devices > 1
 
         @functools.wraps(fn)
         def traced(*args: Any, **kwargs: Any) -> Any:
-            with backends.concurrent_devices(n):
+            with backends.concurrent_devices(n), (backends.xla_kernels() if xla_only else contextlib.nullcontext()):
                 return fn(*args, **kwargs)
 
         return traced
