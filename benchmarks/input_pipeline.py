@@ -29,7 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from jaxcnn.data import augment
-from jaxcnn.data.dataset import DATASET_INFO, ArrayDataset, DatasetNotFoundError, load_split
+from jaxcnn.data.dataset import DATASET_INFO, ArrayDataset, DatasetNotFoundError
+from jaxcnn.data.sources import load_split
 from jaxcnn.data.pipeline import DeviceEpochLoader, DeviceEvalSet
 from jaxcnn.data.streaming import CenterCrop, StreamingLoader
 

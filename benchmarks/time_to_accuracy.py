@@ -76,7 +76,8 @@ def run_torch(cfg: Any, seed: int, config: str = "compile+channels_last") -> dic
     import torch
     import torch.nn.functional as F
 
-    from jaxcnn.data.dataset import dataset_info, load_split
+    from jaxcnn.data.dataset import dataset_info
+    from jaxcnn.data.sources import load_split
     from jaxcnn.data.pipeline import epoch_permutation
     from jaxcnn.train.loop import total_steps_of
     from jaxcnn.train.optim import lr_at, make_schedule

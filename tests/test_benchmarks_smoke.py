@@ -145,7 +145,8 @@ def test_torch_twins_have_jaxcnn_parameter_counts():
 @pytest.mark.slow
 def test_time_to_accuracy_reports_mean_and_std_over_seeds(tmp_path):
     """Two real (20-step) runs of the fast recipe on real Fashion-MNIST; the figures and the goal line are printed."""
-    from jaxcnn.data.dataset import DatasetNotFoundError, load_split
+    from jaxcnn.data.dataset import DatasetNotFoundError
+    from jaxcnn.data.sources import load_split
 
     try:
         load_split("fashion_mnist", "test", limit=1)
