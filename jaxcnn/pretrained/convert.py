@@ -231,18 +231,14 @@ def model_shapes(arch: str, classes: int) -> dict[str, tuple[int, ...]]:
     """{'params/stem/conv/kernel': shape, ...} of the registered jaxcnn model `arch` (shapes only, nothing computed)."""
     import jax
     import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict
 
     from jaxcnn.models import create_model
-    from jaxcnn.train.state import leaf_names
 
     model = create_model(arch, num_classes=classes)
     # 64x64 reaches every supported model's head (VGG and AlexNet pool adaptively): the same shapes as 224x224
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32)))
-    out = {}
-    for collection, tree in variables.items():
-        for name, leaf in zip(leaf_names(tree), jax.tree_util.tree_leaves(tree)):
-            out[f"{collection}/{name}"] = tuple(leaf.shape)
-    return out
+    return {name: tuple(leaf.shape) for name, leaf in flatten_dict(dict(variables), sep="/").items()}
 
 
 def check_state_dict(shapes: Mapping[str, Any], arch: str, source: str = "torchvision", *, where: str = "") -> None:

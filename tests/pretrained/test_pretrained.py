@@ -327,7 +327,7 @@ def test_predict_command_gives_torchvisions_top5(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_finetune_experiment_plans_three_starts_on_grey_images():
+def test_finetune_experiment_plans_four_starts_on_grey_images():
     from jaxcnn.config import load_experiment_module
     from jaxcnn.results.sweep import plan_sweep
 
