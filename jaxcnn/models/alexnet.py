@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 
 from jaxcnn.models.base import ClassifierBase, HeadKind
+from jaxcnn.models.heads import DropoutPosition
 from jaxcnn.models.registry import register_model
 from jaxcnn.nn import layers
 from jaxcnn.nn.blocks import ConvNormAct, check_downsample
@@ -18,9 +19,10 @@ class AlexNet(ClassifierBase):
 
     The first conv has stride ``stem_stride`` and padding ``stem_padding``, the others stride 1 and ``k // 2``
     padding; pools are overlapping 3x3 stride 2 without padding (kind ``pool``). The head defaults to
-    torchvision's: adaptive average pool to 6x6, flatten, 4096, 4096, logits, with dropout 0.5 (here on the
-    outputs of the two hidden layers, as the paper describes; torchvision puts it on their inputs: same
-    parameters). ``alexnet`` has 61,100,840 parameters at 1000 classes.
+    torchvision's: adaptive average pool to 6x6, flatten, 4096, 4096, logits, with dropout 0.5 on the outputs of
+    the two hidden layers, as the paper describes; ``head_dropout_position='before_hidden'`` puts it on their
+    inputs, as torchvision does (the same parameters and evaluation; training draws differ). ``alexnet`` has
+    61,100,840 parameters at 1000 classes.
 
     ``alexnet_cifar`` (32x32 inputs): first conv 5x5 stride 1, no adaptive pool, a 1024-1024 head, so the last
     pool's 3x3x256 map is flattened (5,871,434 parameters at 10 classes).
@@ -41,6 +43,7 @@ class AlexNet(ClassifierBase):
     head_pool_size: int | None = 6
     head_hidden: tuple[int, ...] = (4096, 4096)
     dropout: float = 0.5
+    head_dropout_position: DropoutPosition = "after_hidden"
 
     def check_knobs(self) -> None:
         super().check_knobs()

@@ -174,6 +174,7 @@ class ClassifierBase(nn.Module):
             pool_size=getattr(self, "head_pool_size", None),
             hidden=getattr(self, "head_hidden", ()),
             dropout=self.dropout,
+            dropout_position=getattr(self, "head_dropout_position", "after_hidden"),
             act=self.act_fn,
             dense=self.dense_def(),
             name="head",

@@ -24,6 +24,7 @@ from jaxcnn.nn.blocks import adaptive_avg_pool
 
 HeadPool = Literal["gap", "gmp", "flatten"]
 FlattenOrder = Literal["hwc", "chw"]
+DropoutPosition = Literal["after_hidden", "before_hidden"]
 ModuleDef = Any
 
 
@@ -40,7 +41,9 @@ class ClassifierHead(nn.Module):
         major, as PyTorch flattens NCHW maps: the order a torchvision classifier's first weight expects).
       hidden: sizes of the hidden dense layers ``fc1``, ``fc2``, ...; each is dense, act.
       dropout: on the input of every dense layer but the first: the hidden outputs, or the pooled features
-        when there is no hidden layer.
+        when there is no hidden layer; with ``dropout_position='before_hidden'`` on the input of every hidden
+        layer instead, and not on the logits layer's (torchvision's AlexNet: dropout, fc1, relu, dropout, fc2,
+        relu, logits). Evaluation is the same either way.
       act: activation of the hidden layers.
       dense: the dense layer factory, called as ``dense(units, name=...)`` (the model's dtypes set).
       class_maps: apply the logits layer at every position first, then pool the class maps (Network in
@@ -57,6 +60,7 @@ class ClassifierHead(nn.Module):
     flatten_order: FlattenOrder = "hwc"
     hidden: tuple[int, ...] = ()
     dropout: float = 0.0
+    dropout_position: DropoutPosition = "after_hidden"
     act: Callable[[jax.Array], jax.Array] = jax.nn.relu
     dense: ModuleDef = layers.Dense
     class_maps: bool = False
@@ -66,6 +70,9 @@ class ClassifierHead(nn.Module):
             raise ValueError(f"ClassifierHead: pool={self.pool!r} is not one of 'gap', 'gmp', 'flatten'")
         if self.flatten_order not in ("hwc", "chw"):
             raise ValueError(f"ClassifierHead: flatten_order={self.flatten_order!r} is not one of 'hwc', 'chw'")
+        if self.dropout_position not in ("after_hidden", "before_hidden"):
+            raise ValueError(f"ClassifierHead: dropout_position={self.dropout_position!r} is not one of "
+                             "'after_hidden', 'before_hidden'")
         if self.class_maps and (self.pool == "flatten" or self.hidden):
             raise ValueError(
                 f"ClassifierHead: class_maps=True needs pool='gap' or 'gmp' and hidden=(), got pool={self.pool!r}, "
@@ -96,9 +103,10 @@ class ClassifierHead(nn.Module):
             maps = self.dense(self.num_classes, name="logits")(drop(x))
             return {"class_maps": maps, "pre_logits": self._pool(x)}, self._pool(maps)
         x = self._pool(x)
+        before = self.dropout_position == "before_hidden" and bool(self.hidden)
         for i, units in enumerate(self.hidden):
-            x = self.act(self.dense(units, name=f"fc{i + 1}")(drop(x) if i else x))
-        return {"pre_logits": x}, self.dense(self.num_classes, name="logits")(drop(x))
+            x = self.act(self.dense(units, name=f"fc{i + 1}")(drop(x) if (i or before) else x))
+        return {"pre_logits": x}, self.dense(self.num_classes, name="logits")(x if before else drop(x))
 
 
-__all__ = ["ClassifierHead", "FlattenOrder", "HeadPool"]
+__all__ = ["ClassifierHead", "DropoutPosition", "FlattenOrder", "HeadPool"]

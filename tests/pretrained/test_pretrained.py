@@ -354,3 +354,28 @@ def test_finetune_experiment_plans_four_starts_on_grey_images():
     np.testing.assert_allclose(trained, probe.apply(v, x, train=False), rtol=1e-5)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(updates["batch_stats"]),
                                                     jax.tree_util.tree_leaves(v["batch_stats"])))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training-mode dropout where torchvision's AlexNet has it
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_alexnet_dropout_before_hidden_layers_as_torchvision():
+    """torchvision's AlexNet classifier: dropout, fc1, relu, dropout, fc2, relu, logits. With one hidden layer and
+    head_dropout_position='before_hidden', the hidden features (pre_logits) are drawn with dropout and the logits
+    are their exact affine image; with the default the hidden features are dropout-free and the logits are not."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 67, 67, 3)), jnp.float32)
+    for position in ("before_hidden", "after_hidden"):
+        model = create_model("alexnet", num_classes=10, head_hidden=(32,), head_dropout_position=position)
+        v = model.init(jax.random.key(0), x)
+        trained = model.apply(v, x, train=True, return_features=True, rngs={"dropout": jax.random.key(1)})
+        evaluated = model.apply(v, x, return_features=True)
+        logits = v["params"]["head"]["logits"]
+        affine = trained["pre_logits"] @ logits["kernel"] + logits["bias"]
+        dropped_features = not np.allclose(trained["pre_logits"], evaluated["pre_logits"])
+        assert dropped_features == (position == "before_hidden")
+        assert np.allclose(trained["logits"], affine, rtol=1e-5, atol=1e-6) == (position == "before_hidden")
+    default = create_model("alexnet")
+    assert default.head_dropout_position == "after_hidden"  # the registered model's default is unchanged
