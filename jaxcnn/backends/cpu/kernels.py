@@ -15,11 +15,12 @@ lowers to ``lax.conv_general_dilated`` and its autodiff transposes, i.e. exactly
 
 `usable` decides at trace time: float32 operands, or bfloat16 operands on a CPU with bfloat16 arithmetic (AMX or
 AVX512-BF16, `cpu_has_fast_bfloat16`: oneDNN then accumulates in float32, as PyTorch's autocast does), the library
-built, and oneDNN has a JIT kernel (not its slow reference code) for all three convolutions of the geometry. Otherwise `jaxcnn.backends.cpu.conv` keeps XLA's
-convolutions. ``JAXCNN_ONEDNN=0`` turns this module off (to compare against XLA's kernels), and so does the
-`xla_convolutions()` context for what is traced inside it (XLA's cost analysis does not see into custom calls, and
-`jax.export` refuses them). Functions already traced keep their path. When the library
-cannot be built, one warning says why and what to install (``apt-get install g++ libdnnl-dev``).
+built, and oneDNN has a JIT kernel (not its slow reference code) for all three convolutions of the geometry.
+Otherwise `jaxcnn.backends.cpu.conv` keeps XLA's convolutions (and warns once, `warn_slow_bfloat16`, for bfloat16).
+``JAXCNN_ONEDNN=0`` turns this module off (to compare against XLA's kernels), and so does the `xla_convolutions()`
+context for what is traced inside it (XLA's cost analysis does not see into custom calls, and `jax.export` refuses
+them). Functions already traced keep their path. When the library cannot be built, one warning says why and what
+to install (``apt-get install g++ libdnnl-dev``).
 
 Shapes: ``x [N, H, W, Cin]``, ``w [KH, KW, Cin / groups, Cout]`` (HWIO), ``y [N, Ho, Wo, Cout]``.
 
