@@ -220,7 +220,7 @@ def _guard_nonfinite(old: TrainState, updated: Callable[[], TrainState], loss: j
     # finiteness check made XLA's compilation of a ResNet-56 step 3.5x slower on CPU (29 s against 9 s). The
     # optimizer update runs inside the true branch, so it writes the new state straight into the conditional's
     # results. Selecting between two states computed outside it cost two copies of the parameters and momenta
-    # per step: the guard took 15.6% of the MLP step on 2 CPU cores that way, 8.7% now (benchmarks/README.md).
+    # per step: the guard took 15.6% of the MLP step on 2 CPU cores that way, 8.7% this way (benchmarks/README.md).
     chosen = lax.cond(keep_new, updated, lambda: old)
     return chosen.replace(first_nonfinite=record)
 
