@@ -4,7 +4,10 @@
     model = jaxcnn.create_model("resnet20", num_classes=10, pool="avg")
     jaxcnn.list_models("resnet*")
     print(jaxcnn.summary(model, (1, 32, 32, 3)))
-    jaxcnn.train(jaxcnn.load_experiment("experiments/fashion_mnist_lenet5.py"), workdir="runs/fmnist")
+    jaxcnn.run_experiment(jaxcnn.load_experiment("experiments/fashion_mnist_lenet5.py"), workdir="runs/fmnist")
+
+`jaxcnn.train` is the training subpackage (state, optim, step, parallel, loop, checkpoint, transfer);
+`jaxcnn.run_experiment` is its `loop.train`, the function `python -m jaxcnn train` calls.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "list_models", "summary", "train", "load_experiment", "Config"]
+__all__ = ["create_model", "list_models", "summary", "run_experiment", "load_experiment", "Config"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,10 +29,14 @@ def __getattr__(name: str) -> Any:
         from jaxcnn.analysis.summary import summary
 
         return summary
-    if name == "train":
+    if name == "run_experiment":
         from jaxcnn.train.loop import train
 
         return train
+    if name in ("analysis", "backends", "data", "models", "nn", "pretrained", "results", "train"):
+        import importlib
+
+        return importlib.import_module(f"jaxcnn.{name}")
     if name in ("load_experiment", "Config"):
         from jaxcnn import config
 
