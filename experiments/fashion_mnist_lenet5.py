@@ -2,9 +2,9 @@
 
 Command:   python -m jaxcnn train experiments/fashion_mnist_lenet5.py --workdir runs/fashion_mnist_lenet5
 Question:  how far does the classic LeNet-5 (61,706 parameters; ReLU and max pooling) get on Fashion-MNIST?
-Runtime:   15 epochs of 60,000 images: 28 s wall (41,921 train images/s), measured 2026-12-02 on a 2-core Intel
-           Xeon VM (AVX-512, AMX), jax 0.10.2; 42-64 s (median 44 s) on a slower day of the same VM.
-Expected:  91.78% test accuracy on all 10,000 test images (seed 0, jax 0.10.2, 2026-12-02; the last digits move
+Runtime:   15 epochs of 60,000 images: 31 s wall (38,516 train images/s), measured 2026-12-06 on a 2-core Intel
+           Xeon VM (AVX-512, AMX), jax 0.10.2.
+Expected:  91.78% test accuracy on all 10,000 test images (seed 0, jax 0.10.2, 2026-12-06; the last digits move
            with the order of floating-point sums, which depends on the machine and the kernels: 91.4-91.8%);
            >= 89.5% required.
 Data:      Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist), or --set data.data_dir=FOLDER.
