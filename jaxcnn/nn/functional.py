@@ -414,13 +414,15 @@ def batch_norm(
     epsilon: float = 1e-5,
     relu: bool = False,
     pool_follows: bool = False,
+    axis_name: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Batch normalisation per channel (the last axis): ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``.
 
     x: ``[N, ..., C]``; scale, bias: ``[C]``. Without ``mean`` and ``var`` (training) the statistics are the
     batch's, over every axis but the last: the mean and the biased variance ``mean((x - mean)**2)``, in float32.
     With them (evaluation: the running statistics) those are used. ``relu=True`` returns ``relu(y)``.
-    ``pool_follows`` changes no values (see `jaxcnn.nn.make_norm`).
+    ``pool_follows`` changes no values (see `jaxcnn.nn.make_norm`). ``axis_name`` (a pmap / shard_map axis, training
+    only): x is this device's slice and the statistics are the whole batch's.
 
     Returns ``(y [N, ..., C] float32, mean [C], var [C])``: the output and the statistics it was normalised with
     (`jaxcnn.nn.BatchNorm` moves its running statistics towards them).
@@ -435,7 +437,8 @@ def batch_norm(
     if (mean is None) != (var is None):
         raise ValueError("batch_norm: give both mean and var (evaluation) or neither (batch statistics)")
     if mean is None:
-        return backends.batch_norm(x, scale, bias, epsilon=epsilon, relu=relu, pool_follows=pool_follows)
+        return backends.batch_norm(x, scale, bias, epsilon=epsilon, relu=relu, pool_follows=pool_follows,
+                                   axis_name=axis_name)
     mean, var = jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)
     y = (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + epsilon) * scale.astype(jnp.float32))
     y = y + bias.astype(jnp.float32)

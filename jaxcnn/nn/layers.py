@@ -236,12 +236,9 @@ class BatchNorm(nn.Module):
                                    relu=self.relu)
         else:
             # `init` runs outside pmap / shard_map (no axis to all-reduce over): local statistics, as flax does.
-            if self.axis_name is None or self.is_initializing():
-                y, mean, var = F.batch_norm(x, scale, bias, epsilon=self.epsilon, relu=self.relu,
-                                            pool_follows=self.pool_follows)
-            else:
-                y, mean, var = backends.batch_norm(x, scale, bias, epsilon=self.epsilon, relu=self.relu,
-                                                   axis_name=self.axis_name)
+            axis_name = None if self.is_initializing() else self.axis_name
+            y, mean, var = F.batch_norm(x, scale, bias, epsilon=self.epsilon, relu=self.relu,
+                                        pool_follows=self.pool_follows, axis_name=axis_name)
             if not self.is_initializing():
                 mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
