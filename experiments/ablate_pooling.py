@@ -22,13 +22,13 @@ from jaxcnn.results.sweep import chain, grid, product, seeds
 def get_config() -> Config:
     return Config(
         model={"name": "lenet5"},
-        data=DataConfig(name="fashion_mnist", train_limit=10000, batch_size=128),
+        data=DataConfig(name="fashion_mnist", batch_size=128),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
-        train=TrainConfig(epochs=3, log_every_steps=20),
+        train=TrainConfig(epochs=12, log_every_steps=100),
     )
 
 
 def sweep() -> list[dict]:
     variants = chain(grid({"model.pool": ["max", "avg", "l2"]}), grid({"model.downsample": ["conv"]}))
-    return product(variants, seeds(3))
+    return product(variants, seeds(5))

@@ -23,10 +23,10 @@ from jaxcnn.results.sweep import chain, named, product, seeds
 def get_config() -> Config:
     return Config(
         model={"name": "lenet5"},
-        data=DataConfig(name="fashion_mnist", train_limit=5000, batch_size=128),
+        data=DataConfig(name="fashion_mnist", batch_size=128),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=1.0),
-        train=TrainConfig(epochs=12, log_every_steps=20, eval_every_epochs=2),
+        train=TrainConfig(epochs=20, log_every_steps=100, eval_every_epochs=5),
     )
 
 
@@ -37,4 +37,4 @@ def sweep() -> list[dict]:
         named("flip", {"data.flip": "random"}),
         named("crop2+flip", {"data.crop_padding": 2, "data.flip": "random"}),
     )
-    return product(variants, seeds(2))
+    return product(variants, seeds(5))

@@ -30,10 +30,10 @@ from jaxcnn.results.sweep import chain, named, product, seeds
 def get_config() -> Config:
     return Config(
         model={"name": "resnet20", "stage_sizes": (1, 1, 1)},
-        data=DataConfig(name="fashion_mnist", train_limit=2000, test_limit=5000, batch_size=32),
-        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4),
+        data=DataConfig(name="fashion_mnist", train_limit=10000, batch_size=128),
+        optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
-        train=TrainConfig(epochs=4, log_every_steps=10, eval_every_epochs=0),
+        train=TrainConfig(epochs=6, log_every_steps=50, eval_every_epochs=0),
     )
 
 
@@ -45,4 +45,4 @@ def sweep() -> list[dict]:
         named("bottleneck", bottleneck),
         named("bottleneck-g4", {**bottleneck, "model.groups": 4, "model.base_width": 32}),
     )
-    return product(variants, seeds(2))
+    return product(variants, seeds(5))

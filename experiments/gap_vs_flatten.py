@@ -25,10 +25,10 @@ from jaxcnn.results.sweep import chain, named, product, seeds
 def get_config() -> Config:
     return Config(
         model={"name": "lenet5"},
-        data=DataConfig(name="fashion_mnist", train_limit=10000, batch_size=128),
+        data=DataConfig(name="fashion_mnist", batch_size=128),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
-        train=TrainConfig(epochs=3, log_every_steps=20),
+        train=TrainConfig(epochs=12, log_every_steps=100),
     )
 
 
@@ -41,4 +41,4 @@ def sweep() -> list[dict]:
         named("wide-flatten-fc120-fc84", {"model.conv_channels": (6, 64)}),
         named("wide-gap-linear", {"model.conv_channels": (6, 64), "model.head": "gap", "model.head_hidden": ()}),
     )
-    return product(variants, seeds(3))
+    return product(variants, seeds(5))

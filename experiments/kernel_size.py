@@ -29,10 +29,10 @@ from jaxcnn.results.sweep import chain, named, product, seeds
 def get_config() -> Config:
     return Config(
         model={"name": "resnet20", "stage_sizes": (1, 1, 1), "width": 0.5, "stem_width": 8},
-        data=DataConfig(name="fashion_mnist", train_limit=2000, test_limit=5000, batch_size=32),
-        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4),
+        data=DataConfig(name="fashion_mnist", train_limit=10000, batch_size=128),
+        optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
-        train=TrainConfig(epochs=4, log_every_steps=10, eval_every_epochs=0),
+        train=TrainConfig(epochs=6, log_every_steps=50, eval_every_epochs=0),
     )
 
 
@@ -44,4 +44,4 @@ def sweep() -> list[dict]:
         named("k3-deep-rf-of-k5", {"model.kernel_size": 3, "model.stage_sizes": (2, 2, 2)}),
         named("k7-thin-params-of-k3", {"model.kernel_size": 7, "model.width": 1.5 / 7, "model.stem_width": 3}),
     )
-    return product(variants, seeds(2))
+    return product(variants, seeds(5))

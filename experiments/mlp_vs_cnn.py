@@ -24,10 +24,10 @@ from jaxcnn.results.sweep import chain, named, product, seeds
 def get_config() -> Config:
     return Config(
         model={"name": "lenet5"},
-        data=DataConfig(name="mnist", train_limit=10000, batch_size=128),
+        data=DataConfig(name="mnist", batch_size=128),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
         schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
-        train=TrainConfig(epochs=3, log_every_steps=20),
+        train=TrainConfig(epochs=10, log_every_steps=100),
     )
 
 
@@ -38,4 +38,4 @@ def sweep() -> list[dict]:
         named("mlp-300-100", {"model.name": "mlp", "model.hidden": (300, 100)}),
         named("mlp-1000-1000", {"model.name": "mlp", "model.hidden": (1000, 1000)}),
     )
-    return product(variants, seeds(3))
+    return product(variants, seeds(5))
