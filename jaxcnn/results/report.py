@@ -5,7 +5,9 @@
 Everything is rebuilt from what the runs left on disk (`WORKDIR/<variant>/seed=<k>/`: variant.json, config.json,
 summary.json, metrics.jsonl, status.json, error.txt), so a report can be made at any time, also while a sweep
 is still running or after it was interrupted. The standard deviation is the sample one (ddof=1) over the seeds
-that finished; n says how many that is.
+that finished; n says how many that is. Each variant's test accuracy is compared with the first variant's (the
+baseline) as the difference of the means with its 95% confidence interval (Welch's t interval, which does not assume
+equal variances): an interval that excludes 0 is a difference the seeds resolve.
 """
 
 from __future__ import annotations
@@ -191,6 +193,40 @@ def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)), len(vals)
 
 
+def difference_interval(values: Iterable[float | None], baseline: Iterable[float | None],
+                        confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean(values) - mean(baseline), low, high): Welch's t interval for the difference of two means.
+
+    The half-width is t * sqrt(s1^2/n1 + s2^2/n2) with t the two-sided `confidence` quantile of Student's t at the
+    Welch-Satterthwaite degrees of freedom. Both samples need 2 finite values or more, else low and high are NaN
+    (and the difference too when either is empty). Two samples with no spread give a zero-width interval.
+    """
+    from scipy import stats  # a dependency of jax
+
+    m1, s1, n1 = mean_std(values)
+    m2, s2, n2 = mean_std(baseline)
+    diff = m1 - m2 if n1 and n2 else float("nan")
+    if n1 < 2 or n2 < 2:
+        return diff, float("nan"), float("nan")
+    v1, v2 = s1 * s1 / n1, s2 * s2 / n2
+    se = math.sqrt(v1 + v2)
+    if se == 0.0:
+        return diff, diff, diff
+    dof = (v1 + v2) ** 2 / (v1 * v1 / (n1 - 1) + v2 * v2 / (n2 - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, dof)) * se
+    return diff, diff - half, diff + half
+
+
+def format_difference(diff: float, low: float, high: float, scale: float = 1.0, digits: int = 2) -> str:
+    """'+1.23 [+0.45, +2.01]' (scaled), '+1.23 [–]' without an interval, '–' without a difference."""
+    if not math.isfinite(diff):
+        return "–"
+    text = f"{scale * diff:+.{digits}f}"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return text + " [–]"
+    return text + f" [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]"
+
+
 def aggregate(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = AGGREGATED) -> list[dict[str, Any]]:
     """One row per variant (in first-appearance order) over its finished ('done') runs.
 
@@ -268,6 +304,11 @@ def results_markdown(agg: Sequence[Mapping[str, Any]], records: Sequence[Mapping
     counts += f", {n_failed} failed" if n_failed else ""
     counts += f", {n_other} not finished" if n_other else ""
     lines.append(f"{counts}. Each row: mean ± sample standard deviation (ddof=1) over the n finished seeds.")
+    baseline = agg[0] if agg else None
+    if baseline is not None:
+        lines.append(f"Δ: the variant's mean test accuracy minus {baseline['variant']}'s (the baseline), in points, "
+                     "with its 95% confidence interval [low, high] (Welch's t interval); an interval that excludes 0 "
+                     "is a difference these seeds resolve.")
     lines.append("")
     common = []
     for k in COMMON_KEYS:
@@ -281,15 +322,17 @@ def results_markdown(agg: Sequence[Mapping[str, Any]], records: Sequence[Mapping
         common.append(f"devices: {', '.join(devices)}; jax {', '.join(jax_versions)}")
     if common:
         lines += ["Settings shared by all runs: " + "; ".join(common) + ".", ""]
-    lines.append("| variant | n | test accuracy (%) | test loss | params | FLOPs/image (fwd) | train images/s | "
-                 "time/run (s) |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| variant | n | test accuracy (%) | Δ (95% CI) | test loss | params | FLOPs/image (fwd) | "
+                 "train images/s | time/run (s) |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for a in agg:
         n = f"{a['n']}" + (f" ({a['failed']} failed)" if a["failed"] else "")
         params = "–" if a["params"] is None else f"{int(a['params']):,}"
         ips, wall = a["train_images_per_s_mean"], a["wall_s_mean"]
+        delta = ("baseline" if a is baseline else
+                 format_difference(*difference_interval(a["values"], baseline["values"]), scale=100.0))
         cells = [
-            a["variant"], n, format_mean_std(a["test_accuracy_mean"], a["test_accuracy_std"], 100.0),
+            a["variant"], n, format_mean_std(a["test_accuracy_mean"], a["test_accuracy_std"], 100.0), delta,
             format_mean_std(a["test_loss_mean"], a["test_loss_std"], digits=4), params, format_count(a["flops"]),
             f"{ips:,.0f}" if math.isfinite(ips) else "–", f"{wall:.1f}" if math.isfinite(wall) else "–",
         ]

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from jaxcnn import cli
-from jaxcnn.results.report import aggregate, build_report, collect_runs, learning_curve, mean_std, varied_keys
+from jaxcnn.results.report import (aggregate, build_report, collect_runs, difference_interval, format_difference,
+                                  learning_curve, mean_std, varied_keys)
 
 
 def _row(variant, seed, acc, status="done", loss=0.3, ips=100.0, wall=10.0, params=1000):
@@ -26,6 +27,24 @@ def test_mean_and_sample_std_match_hand_computed_values():
     assert mean_std(data)[1] == pytest.approx(statistics.stdev(data))  # the stdlib's sample std
     assert math.isnan(mean_std([0.5])[1]) and mean_std([0.5])[2] == 1
     assert mean_std([None, float("nan")])[2] == 0
+
+
+def test_difference_interval_matches_welch_by_hand():
+    # Equal spreads: s^2 = 2.5 each, n = 5: se = sqrt(0.5 + 0.5) = 1, Welch dof = 1 / (2 * 0.25 / 4) = 8;
+    # t(0.975, 8) = 2.306004 (printed t tables).
+    diff, low, high = difference_interval([1, 2, 3, 4, 5], [0, 1, 2, 3, 4])
+    assert diff == pytest.approx(1.0)
+    assert (low, high) == (pytest.approx(1 - 2.306004, abs=1e-6), pytest.approx(1 + 2.306004, abs=1e-6))
+    # Unequal spreads: [1, 3] has s^2 = 2 (v = 1), the baseline none: dof = 1, t(0.975, 1) = 12.7062.
+    diff, low, high = difference_interval([1, 3], [0, 0, 0, 0])
+    assert (diff, low, high) == (pytest.approx(2.0), pytest.approx(2 - 12.7062, abs=1e-4),
+                                 pytest.approx(2 + 12.7062, abs=1e-4))
+    # One seed: a difference without an interval; no seeds: nothing.
+    diff, low, high = difference_interval([0.9], [0.8, 0.85])
+    assert diff == pytest.approx(0.075) and math.isnan(low) and math.isnan(high)
+    assert math.isnan(difference_interval([], [0.8, 0.85])[0])
+    assert format_difference(0.0123, 0.004, 0.0206, scale=100) == "+1.23 [+0.40, +2.06]"
+    assert format_difference(-0.01, float("nan"), float("nan"), scale=100) == "-1.00 [–]"
 
 
 def test_aggregate_groups_by_variant_over_finished_seeds_only():
@@ -115,8 +134,9 @@ def test_report_rebuilt_from_run_folders(fake_sweep):
     assert by_seed["1"]["status"] == "failed" and "batch_size=999" in by_seed["1"]["error"]
     assert by_seed["2"]["status"] == "incomplete" and by_seed["2"]["test_accuracy"] == ""
     md = paths["markdown"].read_text()
-    assert "| model.pool=max | 3 | 92.00 ± 2.00 |" in md
-    assert "| model.pool=avg | 1 (1 failed) | 80.00 ± – |" in md
+    assert "| model.pool=max | 3 | 92.00 ± 2.00 | baseline |" in md
+    assert "| model.pool=avg | 1 (1 failed) | 80.00 ± – | -12.00 [–] |" in md
+    assert "minus model.pool=max's (the baseline)" in md
     assert "61,706" in md and "ddof=1" in md
     assert md.startswith("# fake: results")
     assert "4 of 6 runs finished, 1 failed, 1 not finished" in md
