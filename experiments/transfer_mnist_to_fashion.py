@@ -48,6 +48,7 @@ from jaxcnn.config import (
     apply_overrides,
     load_experiment,
 )
+from jaxcnn.results.report import difference_interval, format_difference
 
 # variant -> (start from the MNIST weights?, transfer.freeze, unfreeze after this fraction of the fine-tuning steps)
 VARIANTS: dict[str, tuple[bool, tuple[str, ...], float | None]] = {
@@ -100,8 +101,11 @@ def results_table(pretrain: dict[str, Any], runs: dict[tuple[int, str], list[dic
          f"accuracy on all {first[0]['test_count']:,} Fashion-MNIST test images, mean ± sample std over {len(first)} "
          f"seeds."),
         "",
-        "| N | start | trained | test accuracy (%) | test loss | s per run |",
-        "|---|---|---|---|---|---|",
+        ("Δ: the mean test accuracy minus scratch's at the same N, in points, with its 95% confidence interval "
+         "(Welch's t interval); an interval that excludes 0 is a difference these seeds resolve."),
+        "",
+        "| N | start | trained | test accuracy (%) | Δ vs scratch (95% CI) | test loss | s per run |",
+        "|---|---|---|---|---|---|---|",
     ]
     what = {
         "scratch": ("random init", "everything"),
@@ -112,9 +116,12 @@ def results_table(pretrain: dict[str, Any], runs: dict[tuple[int, str], list[dic
     for (limit, variant), summaries in runs.items():
         start, trained = what[variant]
         acc = _mean_std([s["test_accuracy"] for s in summaries])
+        scratch = [s["test_accuracy"] for s in runs.get((limit, "scratch"), [])]
+        delta = ("baseline" if variant == "scratch" else format_difference(
+            *difference_interval([s["test_accuracy"] for s in summaries], scratch), scale=100.0))
         loss = statistics.mean(s["test_loss"] for s in summaries)
         wall = statistics.mean(s["wall_s"] for s in summaries)
-        lines.append(f"| {limit:,} | {variant}: {start} | {trained} | {acc} | {loss:.3f} | {wall:.0f} |")
+        lines.append(f"| {limit:,} | {variant}: {start} | {trained} | {acc} | {delta} | {loss:.3f} | {wall:.0f} |")
     return "\n".join(lines)
 
 

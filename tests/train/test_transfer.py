@@ -255,3 +255,19 @@ def test_the_transfer_experiment_configs(tmp_path):
     # 100 images in batches of 50: 2 steps per epoch; unfreezing after 100 of the 200 steps is epoch 50.
     assert runs["unfreeze"].transfer.unfreeze_at_epoch == 50
     assert transfer.unfreeze_step(runs["unfreeze"].transfer, 2) == 100
+
+
+def test_the_transfer_table_compares_each_start_with_scratch():
+    from jaxcnn.config import load_experiment_module
+
+    exp = load_experiment_module("experiments/transfer_mnist_to_fashion.py")
+
+    def summaries(accs):
+        return [{"test_accuracy": a, "test_loss": 1.0, "wall_s": 5.0, "test_count": 10000} for a in accs]
+
+    runs = {(100, "scratch"): summaries([0.60, 0.61, 0.62, 0.63, 0.64]),
+            (100, "finetune"): summaries([0.61, 0.62, 0.63, 0.64, 0.65])}
+    table = exp.results_table({"steps": 936, "batch_size": 128, "test_accuracy": 0.99, "wall_s": 20.0}, runs)
+    # The same spread in both (s^2 = 2.5e-4, n = 5): se = 0.01, dof 8, t = 2.306004: +1.00 [-1.31, +3.31] points.
+    assert "| 100 | scratch: random init | everything | 62.00 ± 1.58 | baseline |" in table
+    assert "| 100 | finetune: MNIST weights | everything | 63.00 ± 1.58 | +1.00 [-1.31, +3.31] |" in table
