@@ -415,6 +415,7 @@ def batch_norm(
     relu: bool = False,
     pool_follows: bool = False,
     axis_name: str | None = None,
+    dtype: Any = jnp.float32,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Batch normalisation per channel (the last axis): ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``.
 
@@ -422,9 +423,10 @@ def batch_norm(
     batch's, over every axis but the last: the mean and the biased variance ``mean((x - mean)**2)``, in float32.
     With them (evaluation: the running statistics) those are used. ``relu=True`` returns ``relu(y)``.
     ``pool_follows`` changes no values (see `jaxcnn.nn.make_norm`). ``axis_name`` (a pmap / shard_map axis, training
-    only): x is this device's slice and the statistics are the whole batch's.
+    only): x is this device's slice and the statistics are the whole batch's. y is computed in float32 and returned in
+    ``dtype`` (a bfloat16 model asks for bfloat16, which lets the CPU backend run the whole layer in bfloat16).
 
-    Returns ``(y [N, ..., C] float32, mean [C], var [C])``: the output and the statistics it was normalised with
+    Returns ``(y [N, ..., C] in dtype, mean [C], var [C])``: the output and the statistics it was normalised with
     (`jaxcnn.nn.BatchNorm` moves its running statistics towards them).
     """
     if getattr(x, "ndim", 0) < 2:
@@ -438,11 +440,11 @@ def batch_norm(
         raise ValueError("batch_norm: give both mean and var (evaluation) or neither (batch statistics)")
     if mean is None:
         return backends.batch_norm(x, scale, bias, epsilon=epsilon, relu=relu, pool_follows=pool_follows,
-                                   axis_name=axis_name)
+                                   axis_name=axis_name, dtype=dtype)
     mean, var = jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)
     y = (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + epsilon) * scale.astype(jnp.float32))
     y = y + bias.astype(jnp.float32)
-    return (jax.nn.relu(y) if relu else y), mean, var
+    return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
 
 
 __all__ = [

@@ -231,20 +231,20 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
         bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+        out_dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
         if self.use_running_average:
             y, _, _ = F.batch_norm(x, scale, bias, mean=ra_mean.value, var=ra_var.value, epsilon=self.epsilon,
-                                   relu=self.relu)
+                                   relu=self.relu, dtype=out_dtype)
         else:
             # `init` runs outside pmap / shard_map (no axis to all-reduce over): local statistics, as flax does.
             axis_name = None if self.is_initializing() else self.axis_name
             y, mean, var = F.batch_norm(x, scale, bias, epsilon=self.epsilon, relu=self.relu,
-                                        pool_follows=self.pool_follows, axis_name=axis_name)
+                                        pool_follows=self.pool_follows, axis_name=axis_name, dtype=out_dtype)
             if not self.is_initializing():
                 mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        out_dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
-        return y.astype(out_dtype)
+        return y
 
 
 class GhostBatchNorm(nn.Module):

@@ -140,14 +140,14 @@ def test_axis_name_matches_flax_synced_batchnorm_under_pmap(relu):
         np.testing.assert_allclose(np.asarray(got[3][name]), np.broadcast_to(want_stat, (d, 5)), rtol=1e-5)
 
 
-# ------------------------------------------------------------------------------------- oneDNN's fused kernels (CPU)
+# ------------------------------------------------------------------------------------- native fused kernels (CPU)
 
-needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN library unavailable")
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="native kernel library unavailable")
 
 
 def away_from_relu_kink(shape, seed, margin=1e-2):
     """(x, weights, scale, bias) whose pre-activations BatchNorm(x) * scale + bias are all further than `margin`
-    from 0, so that the ReLU's mask cannot depend on float rounding (oneDNN's sums are ordered differently)."""
+    from 0, so that the ReLU's mask cannot depend on float rounding (the kernel's sums are ordered differently)."""
     rng = np.random.default_rng(seed)
     c = shape[-1]
     scale = rng.uniform(0.5, 1.5, c)
@@ -197,10 +197,41 @@ def test_onednn_path_against_numpy(shape, relu):
         return jnp.sum(y * g), (y, mean, var)
 
     fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
-    assert "jaxcnn_onednn_norm_bwd" in fn.lower(x, scale, bias).as_text()  # the oneDNN kernels, not XLA's
+    assert "jaxcnn_batch_norm_bwd" in fn.lower(x, scale, bias).as_text()  # the native kernels, not XLA's
     (_, (y, mean, var)), (dx, dscale, dbias) = fn(x, scale, bias)
     want = numpy_bn_relu_grads(x, g, scale, bias, relu)
     for got, expected in zip((y, mean, var, dx, dscale, dbias), want):
+        np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=2e-4, atol=2e-4)
+
+
+def bf16_ulps(a, b):
+    """|a - b| in units of b's bfloat16 spacing (8 significant bits; values below 1e-3 count from 1e-3)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b) / (np.maximum(np.abs(b), 1e-3) * 2.0 ** -7)
+
+
+@needs_onednn
+@pytest.mark.parametrize("relu", [True, False], ids=["bn-relu", "bn"])
+def test_native_bfloat16_path_against_numpy(relu):
+    """bfloat16 activations, y asked for in bfloat16: the native kernel computes in float32 and rounds y and dx once.
+
+    Reference: float64 NumPy on the bfloat16 values of x and of the cotangent, rounded to bfloat16 at the end."""
+    x, g, scale, bias = away_from_relu_kink((16, 8, 8, 16), seed=12)
+    xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+
+    def loss(x, scale, bias):
+        y, mean, var = fast_norm.batch_norm_act_train(x, scale, bias, 1e-5, relu, dtype=jnp.bfloat16)
+        return jnp.sum(y.astype(jnp.float32) * gb.astype(jnp.float32)), (y, mean, var)
+
+    fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+    hlo = fn.lower(xb, scale, bias).as_text()
+    assert "jaxcnn_batch_norm_bwd" in hlo and "jaxcnn_batch_norm_fwd" in hlo
+    (_, (y, mean, var)), (dx, dscale, dbias) = fn(xb, scale, bias)
+    assert y.dtype == dx.dtype == jnp.bfloat16 and mean.dtype == dscale.dtype == jnp.float32
+    want_y, want_mean, want_var, want_dx, want_dscale, want_dbias = numpy_bn_relu_grads(
+        np.asarray(xb, np.float64), np.asarray(gb, np.float64), scale, bias, relu)
+    assert bf16_ulps(y, want_y).max() <= 1.0 and bf16_ulps(dx, want_dx).max() <= 1.0
+    for got, expected in ((mean, want_mean), (var, want_var), (dscale, want_dscale), (dbias, want_dbias)):
         np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=2e-4, atol=2e-4)
 
 
@@ -247,8 +278,8 @@ def test_exported_for_gpu_without_cpu_kernels():
     step = jax.jit(jax.grad(lambda x, s, b: jnp.sum(fast_norm.batch_norm_act_train(x, s, b, 1e-5, True)[0] * g),
                             (0, 1, 2)))
     cuda = jax.export.export(step, platforms=["cuda"])(x, scale, bias).mlir_module()
-    assert "jaxcnn_onednn" not in cuda
-    assert "jaxcnn_onednn_norm_bwd" in step.lower(x, scale, bias).as_text()
+    assert "jaxcnn_onednn" not in cuda and "jaxcnn_batch_norm" not in cuda
+    assert "jaxcnn_batch_norm_bwd" in step.lower(x, scale, bias).as_text()
 
 
 def test_xla_path_off_the_cpu_or_when_switched_off(monkeypatch):
@@ -259,7 +290,7 @@ def test_xla_path_off_the_cpu_or_when_switched_off(monkeypatch):
                   lambda: monkeypatch.setenv("JAXCNN_ONEDNN", "0")):
         patch()
         fn = jax.jit(lambda x: fast_norm.batch_norm_act_train(x, scale, bias, 1e-5, True))
-        assert "jaxcnn_onednn" not in fn.lower(x).as_text()
+        assert "jaxcnn_batch_norm" not in fn.lower(x).as_text()
         for got, expected in zip(fn(x), want):
             np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
         monkeypatch.undo()
@@ -313,7 +344,7 @@ def test_pool_follows_keeps_xla_fusions_with_the_same_values():
             return jnp.sum(y * g), (y, upd)
 
         fn = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
-        assert ("jaxcnn_onednn_norm" in fn.lower(variables["params"], x).as_text()) is not flag
+        assert ("jaxcnn_batch_norm" in fn.lower(variables["params"], x).as_text()) is not flag
         results[flag] = fn(variables["params"], x)
     for got, want in zip(jax.tree_util.tree_leaves(results[True]), jax.tree_util.tree_leaves(results[False])):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

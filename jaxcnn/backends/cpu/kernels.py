@@ -25,12 +25,13 @@ to install (``apt-get install g++ libdnnl-dev``).
 Shapes: ``x [N, H, W, Cin]``, ``w [KH, KW, Cin / groups, Cout]`` (HWIO), ``y [N, Ho, Wo, Cout]``.
 
 Threads: a convolution given every core (one device) splits an evenly divisible batch over XLA's own intra-op
-thread pool, one one-thread primitive per slice; otherwise (and for BatchNorm) oneDNN runs on an OpenMP team of
-`threads_per_device` threads, and calls that use every core hold one lock, so that XLA never runs two such teams
-at once (csrc/onednn_common.h).
+thread pool, one one-thread primitive per slice; otherwise oneDNN runs on an OpenMP team of `threads_per_device`
+threads, and calls that use every core hold one lock, so that XLA never runs two such teams at once
+(csrc/onednn_common.h).
 
-The same library holds oneDNN's training-mode batch normalisation (`csrc/onednn_norm.cc`: `norm_forward`,
-`norm_backward`, optionally fused with the ReLU after it), which `jaxcnn.backends.cpu.norm` wraps in derivative rules;
+The same library holds jaxcnn's own training-mode batch normalisation (`csrc/batch_norm.cc`: `norm_forward`,
+`norm_backward`, float32 or bfloat16 activations, optionally fused with the ReLU after it; loops on XLA's thread
+pool, no oneDNN), which `jaxcnn.backends.cpu.norm` wraps in derivative rules;
 oneDNN's sgemm for dense layers (`csrc/onednn_matmul.cc`: the `matmul_p` primitive, bilinear like the convolutions,
 row blocks on XLA's thread pool), which `jaxcnn.backends.cpu.dense` uses; and jaxcnn's own max pooling over
 non-overlapping windows (`csrc/max_pool.cc`: `max_pool_forward`, `max_pool_backward`; AVX-512 loops on XLA's
@@ -66,14 +67,14 @@ _OP_INDEX = {FORWARD: 0, BACKWARD_DATA: 1, BACKWARD_WEIGHTS: 2}
 _TARGETS = {FORWARD: ("jaxcnn_onednn_conv_fwd", "JaxcnnConvFwd"),
             BACKWARD_DATA: ("jaxcnn_onednn_conv_bwd_data", "JaxcnnConvBwdData"),
             BACKWARD_WEIGHTS: ("jaxcnn_onednn_conv_bwd_weights", "JaxcnnConvBwdWeights")}
-_NORM_TARGETS = {"forward": ("jaxcnn_onednn_norm_fwd", "JaxcnnNormFwd"),
-                 "backward": ("jaxcnn_onednn_norm_bwd", "JaxcnnNormBwd")}
+_NORM_TARGETS = {"forward": ("jaxcnn_batch_norm_fwd", "JaxcnnNormFwd"),
+                 "backward": ("jaxcnn_batch_norm_bwd", "JaxcnnNormBwd")}
 _POOL_TARGETS = {"forward": ("jaxcnn_max_pool_fwd", "JaxcnnMaxPoolFwd"),
                  "backward": ("jaxcnn_max_pool_bwd", "JaxcnnMaxPoolBwd")}
 _MATMUL_TARGET = ("jaxcnn_onednn_matmul", "JaxcnnMatmul")
 _SGD_TARGET = ("jaxcnn_sgd_update", "JaxcnnSgdUpdate")
 _SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                 for name in ("onednn_conv.cc", "onednn_norm.cc", "onednn_matmul.cc", "max_pool.cc", "sgd_update.cc"))
+                 for name in ("onednn_conv.cc", "batch_norm.cc", "onednn_matmul.cc", "max_pool.cc", "sgd_update.cc"))
 _HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("onednn_common.h", "parallel_for.h"))
 _INSTALL_HINT = ("install a C++ compiler and oneDNN's headers (Debian/Ubuntu: `apt-get install g++ libdnnl-dev`), "
                  "or set JAXCNN_ONEDNN=0 to silence this")
@@ -215,11 +216,6 @@ def _library() -> ctypes.CDLL | None:
         lib.JaxcnnConvImpl.restype = ctypes.c_char_p
         lib.JaxcnnConvImpl.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
                                        ctypes.c_int64]
-        lib.JaxcnnNormWorkspace.restype = ctypes.c_int64
-        lib.JaxcnnNormWorkspace.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_char_p,
-                                            ctypes.c_int64]
-        lib.JaxcnnNormImpl.restype = ctypes.c_char_p
-        lib.JaxcnnNormImpl.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_float]
         for target, symbol in (*_TARGETS.values(), *_NORM_TARGETS.values(), *_POOL_TARGETS.values(),
                                _MATMUL_TARGET, _SGD_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
@@ -391,44 +387,32 @@ class NormGeometry:
     """A training-mode BatchNorm's shape: x ``[..., C]`` normalised over all axes but the last (hashable)."""
 
     x_shape: tuple[int, ...]
-    relu: bool        # the ReLU after it fused (its mask kept in the workspace)
+    relu: bool         # the ReLU after it fused
     epsilon: float
-    threads: int = 0  # as `Geometry.threads`
+    threads: int = 0   # as `Geometry.threads`
+    bf16: bool = False  # bfloat16 activations (x, y, dy, dx); statistics and parameters stay float32
 
-    def dims(self) -> np.ndarray:
-        """[n, h, w, c, relu, threads] as onednn_norm.cc reads them: [N, H, W, C] as is, else [prod(...), 1, 1, C]."""
-        shape = self.x_shape
-        if len(shape) == 4:
-            n, h, w, c = shape
-        else:
-            n, h, w, c = int(np.prod(shape[:-1], dtype=np.int64)), 1, 1, shape[-1]
-        return np.array([n, h, w, c, int(self.relu), self.threads], np.int64)
+    @property
+    def dtype(self) -> np.dtype:
+        """The activations' dtype: float32, or bfloat16 with `bf16`."""
+        return np.dtype(jnp.bfloat16) if self.bf16 else np.dtype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def norm_workspace_bytes(geometry: NormGeometry) -> int | None:
-    """Bytes of the ReLU mask oneDNN's forward pass keeps for the backward pass (at least 1); None when the library
-    is unavailable, oneDNN rejects the shape or would run its slow reference kernel (cached per geometry)."""
-    lib = _library()
-    if lib is None or len(geometry.x_shape) < 2 or any(d <= 0 for d in geometry.x_shape):
+def norm_usable(x_shape: tuple[int, ...], dtypes: tuple, *, relu: bool, epsilon: float,
+                bfloat16_output: bool = False) -> NormGeometry | None:
+    """The geometry to run a training-mode BatchNorm through the native kernel with, or None to keep XLA's: on the
+    CPU backend with the native library built, ``[..., C]`` with rank >= 2 and no empty axis, and dtypes = (x,
+    scale, bias) all
+    float32, or a bfloat16 x with float32 scale and bias when the caller wants y in bfloat16 (`bfloat16_output`;
+    the kernel computes in float32 and needs no bfloat16 instructions)."""
+    x_dtype, *param_dtypes = (np.dtype(d) for d in dtypes)
+    bf16 = x_dtype == jnp.bfloat16 and bfloat16_output
+    if (not enabled() or jax.default_backend() != "cpu" or any(d != np.float32 for d in param_dtypes)
+            or not (x_dtype == np.float32 or bf16)):
         return None
-    dims = geometry.dims()
-    pointer = dims.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
-    error = ctypes.create_string_buffer(512)
-    size = lib.JaxcnnNormWorkspace(pointer, geometry.epsilon, error, len(error))
-    impl = lib.JaxcnnNormImpl(pointer, geometry.epsilon) if size >= 0 else None
-    if impl is None or any(name.startswith("ref") for name in impl.decode().split(",")):
+    if len(x_shape) < 2 or any(d <= 0 for d in x_shape) or _library() is None:
         return None
-    return max(1, int(size))
-
-
-def norm_usable(x_shape: tuple[int, ...], dtypes: tuple, *, relu: bool, epsilon: float) -> NormGeometry | None:
-    """The geometry to run a training-mode BatchNorm through oneDNN with, or None to keep XLA's: float32 operands
-    on the CPU backend, ``[..., C]`` with rank >= 2, a JIT kernel (`norm_workspace_bytes`)."""
-    if not enabled() or jax.default_backend() != "cpu" or any(np.dtype(d) != np.float32 for d in dtypes):
-        return None
-    geometry = NormGeometry(tuple(int(d) for d in x_shape), bool(relu), float(epsilon), threads_per_device())
-    return geometry if norm_workspace_bytes(geometry) is not None else None
+    return NormGeometry(tuple(int(d) for d in x_shape), bool(relu), float(epsilon), threads_per_device(), bf16)
 
 
 def _norm_attrs(geometry: NormGeometry) -> dict:
@@ -437,28 +421,28 @@ def _norm_attrs(geometry: NormGeometry) -> dict:
 
 
 def norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, geometry: NormGeometry):
-    """oneDNN's training-mode BatchNorm (with the ReLU when ``geometry.relu``): x ``[..., C]``, scale, bias ``[C]``
-    -> ``(y [..., C], mean [C], var [C] (biased), workspace [bytes] uint8)``, all float32 but the workspace.
+    """The native training-mode BatchNorm (batch_norm.cc; the ReLU when ``geometry.relu``): x ``[..., C]``, scale,
+    bias ``[C]`` -> ``(y [..., C], mean [C], var [C] (biased))``: y in ``geometry.dtype``, the statistics float32.
 
     Not differentiable by itself: `jaxcnn.backends.cpu.norm` wraps it (and `norm_backward`) in derivative rules.
     """
     c = geometry.x_shape[-1]
     stat = jax.ShapeDtypeStruct((c,), np.float32)
-    out = (jax.ShapeDtypeStruct(geometry.x_shape, np.float32), stat, stat,
-           jax.ShapeDtypeStruct((norm_workspace_bytes(geometry),), np.uint8))
+    out = (jax.ShapeDtypeStruct(geometry.x_shape, geometry.dtype), stat, stat)
     call = jax.ffi.ffi_call(_NORM_TARGETS["forward"][0], out, vmap_method="sequential")
     return call(x, scale, bias, **_norm_attrs(geometry))
 
 
 def norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
-                  workspace: jax.Array, geometry: NormGeometry):
-    """The gradient of `norm_forward`'s y (the ReLU's mask read from its workspace): ``(dx [..., C], dscale [C],
-    dbias [C])`` for the cotangent dy ``[..., C]``, with the forward's batch mean and variance."""
+                  bias: jax.Array, geometry: NormGeometry):
+    """The gradient of `norm_forward`'s y (the ReLU's mask recomputed from x): ``(dx [..., C], dscale [C],
+    dbias [C])`` for the cotangent dy ``[..., C]``, with the forward's batch mean and variance (x, dy and dx in
+    ``geometry.dtype``)."""
     c = geometry.x_shape[-1]
     stat = jax.ShapeDtypeStruct((c,), np.float32)
-    out = (jax.ShapeDtypeStruct(geometry.x_shape, np.float32), stat, stat)
+    out = (jax.ShapeDtypeStruct(geometry.x_shape, geometry.dtype), stat, stat)
     call = jax.ffi.ffi_call(_NORM_TARGETS["backward"][0], out, vmap_method="sequential")
-    return call(x, dy, mean, var, scale, workspace, **_norm_attrs(geometry))
+    return call(x, dy, mean, var, scale, bias, **_norm_attrs(geometry))
 
 
 # -------------------------------------------------------------------------------------------- matrix products
@@ -635,5 +619,5 @@ def _sgd_update_jvp(momentum: float, nesterov: bool, decays: tuple[float, ...], 
 
 __all__ = ["Geometry", "NormGeometry", "POOL_SIMD", "available", "concurrent_devices", "conv2d", "conv_p", "enabled",
            "implementations", "matmul", "matmul_p", "max_pool_backward", "max_pool_forward", "norm_backward",
-           "norm_forward", "norm_usable", "norm_workspace_bytes", "pool_usable", "SGD_SIMD", "sgd_update",
+           "norm_forward", "norm_usable", "pool_usable", "SGD_SIMD", "sgd_update",
            "sgd_update_usable", "threads_per_device", "usable", "xla_convolutions"]

@@ -17,7 +17,10 @@ calls built with the convolutions, `jaxcnn.backends.cpu.kernels`), fused with th
 ``relu=True`` (what `make_norm(..., activation=jax.nn.relu)` and every conv-BN-ReLU block build): one forward call
 (statistics, normalisation, ReLU, the ReLU's bit mask) and one backward call. On a CIFAR ResNet's first stage
 (128x32x32x16) forward and backward take 2.0 ms against 4.7 ms for XLA's fusions on 2 cores; ResNet-20's training
-step went from 620 to 700-760 images/s. The derivatives of those calls are these JAX formulas (second derivatives
+step went from 620 to 700-760 images/s. bfloat16 activations whose BatchNorm output is wanted in bfloat16 (a model
+built with ``dtype=bfloat16``) run the same kernels in bfloat16 on CPUs with AMX or AVX512-BF16: oneDNN reads
+bfloat16, computes the statistics and the normalisation in float32, and writes y (and, backward, dx) rounded once
+to bfloat16, as XLA's float32 formulas followed by the cast to bfloat16 give. The derivatives of those calls are these JAX formulas (second derivatives
 work); a function traced here and lowered for another platform gets the XLA version (`lax.platform_dependent`).
 """
 
@@ -102,109 +105,111 @@ def _bn_bwd(epsilon, residuals, cotangents):
 batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
 
-# ------------------------------------------------------------------------------------------- oneDNN's kernels (CPU)
+# ------------------------------------------------------------------------------------------- native kernels (CPU)
 
 def _reference_grad(x, dy, mean, var, scale, bias, epsilon, relu):
-    """`_onednn_grad` in JAX operations: (dx, dscale, dbias) of y = [relu](BatchNorm(x)) for the cotangent dy.
+    """`_native_grad` in JAX operations: (dx, dscale, dbias) of y = [relu](BatchNorm(x)) for the cotangent dy.
 
-    The ReLU's mask is recomputed from x (where it equals oneDNN's, i.e. except for pre-activations within
-    rounding of 0). Its derivatives are the second derivatives of the fused layer.
+    Computed in float32; dx comes back in x's dtype. The ReLU's mask is recomputed from x, as the native kernel
+    does. Its derivatives are the second derivatives of the fused layer.
     """
     rstd = lax.rsqrt(var + epsilon)
-    xhat = (x - mean) * rstd
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dy = dy.astype(jnp.float32)
     if relu:
         dy = jnp.where(xhat * scale + bias > 0, dy, 0.0)
-    return _normalized_grad(xhat, dy, rstd, scale)
+    dx, dscale, dbias = _normalized_grad(xhat, dy, rstd, scale)
+    return dx.astype(x.dtype), dscale, dbias
 
 
-def _reference_forward(x, scale, bias, epsilon, relu):
-    """`batch_norm_train`'s forward pass, then the ReLU when `relu`: ``(y, mean, var)``."""
+def _reference_forward(x, scale, bias, epsilon, relu, dtype=jnp.float32):
+    """`batch_norm_train`'s forward pass, then the ReLU when `relu`: ``(y in dtype, mean, var)``."""
     y, mean, var, _ = _forward(x, scale, bias, epsilon)
-    return (jax.nn.relu(y) if relu else y), mean, var
+    return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _onednn_forward(x, scale, bias, geometry):
-    """oneDNN's forward pass ``(y, mean, var, workspace)``, differentiable (for second derivatives, where the
-    backward pass itself is differentiated) through `_forward`'s JAX operations."""
+def _native_forward(x, scale, bias, geometry):
+    """The native forward pass ``(y, mean, var)``, differentiable (for second derivatives, where the backward pass
+    itself is differentiated) through `_reference_forward`'s JAX operations."""
     return kernels.norm_forward(x, scale, bias, geometry)
 
 
-@_onednn_forward.defjvp
-def _onednn_forward_jvp(geometry, primals, tangents):
-    out = _onednn_forward(*primals, geometry)
-    reference = functools.partial(_reference_forward, epsilon=geometry.epsilon, relu=geometry.relu)
-    _, (dy, dmean, dvar) = jax.jvp(reference, primals, tangents)
-    return out, (dy, dmean, dvar, np.zeros(out[3].shape, jax.dtypes.float0))
+@_native_forward.defjvp
+def _native_forward_jvp(geometry, primals, tangents):
+    out = _native_forward(*primals, geometry)
+    reference = functools.partial(_reference_forward, epsilon=geometry.epsilon, relu=geometry.relu,
+                                  dtype=geometry.dtype)
+    _, tangent_out = jax.jvp(reference, primals, tangents)
+    return out, tangent_out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _onednn_grad(x, dy, mean, var, scale, bias, workspace, geometry):
-    """oneDNN's backward pass (the ReLU's mask from the forward pass's workspace), differentiable again through
-    `_reference_grad`."""
-    return kernels.norm_backward(x, dy, mean, var, scale, workspace, geometry)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _native_grad(x, dy, mean, var, scale, bias, geometry):
+    """The native backward pass, differentiable again through `_reference_grad`."""
+    return kernels.norm_backward(x, dy, mean, var, scale, bias, geometry)
 
 
-def _onednn_grad_fwd(x, dy, mean, var, scale, bias, workspace, geometry):
-    out = kernels.norm_backward(x, dy, mean, var, scale, workspace, geometry)
-    return out, (x, dy, mean, var, scale, bias, workspace)
+def _native_grad_fwd(x, dy, mean, var, scale, bias, geometry):
+    return kernels.norm_backward(x, dy, mean, var, scale, bias, geometry), (x, dy, mean, var, scale, bias)
 
 
-def _onednn_grad_bwd(geometry, residuals, cotangents):
-    *primals, workspace = residuals
-    _, vjp = jax.vjp(functools.partial(_reference_grad, epsilon=geometry.epsilon, relu=geometry.relu), *primals)
-    return (*vjp(cotangents), np.zeros(workspace.shape, jax.dtypes.float0))
+def _native_grad_bwd(geometry, residuals, cotangents):
+    _, vjp = jax.vjp(functools.partial(_reference_grad, epsilon=geometry.epsilon, relu=geometry.relu), *residuals)
+    return vjp(cotangents)
 
 
-_onednn_grad.defvjp(_onednn_grad_fwd, _onednn_grad_bwd)
+_native_grad.defvjp(_native_grad_fwd, _native_grad_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm_onednn(x: jax.Array, scale: jax.Array, bias: jax.Array, geometry: kernels.NormGeometry):
-    """`batch_norm_train` (then the ReLU when ``geometry.relu``) in oneDNN's kernels: ``(y, mean, var)``."""
-    y, mean, var, _ = _platform_forward(x, scale, bias, geometry)
-    return y, mean, var
+def _batch_norm_native(x: jax.Array, scale: jax.Array, bias: jax.Array, geometry: kernels.NormGeometry):
+    """`batch_norm_train` (then the ReLU when ``geometry.relu``) in the native kernels: ``(y, mean, var)``, y in
+    ``geometry.dtype``."""
+    return _platform_forward(x, scale, bias, geometry)
 
 
 def _platform_forward(x, scale, bias, geometry):
-    """oneDNN's forward pass on the CPU; on other platforms (a function traced here, exported for a GPU) its
-    JAX operations, with a workspace of zeros."""
+    """The native forward pass on the CPU; on other platforms (a function traced here, exported for a GPU) its JAX
+    operations."""
     def default(x, scale, bias):
-        y, mean, var = _reference_forward(x, scale, bias, geometry.epsilon, geometry.relu)
-        return y, mean, var, jnp.zeros((kernels.norm_workspace_bytes(geometry),), jnp.uint8)
+        return _reference_forward(x, scale, bias, geometry.epsilon, geometry.relu, geometry.dtype)
 
-    return lax.platform_dependent(x, scale, bias, cpu=functools.partial(_onednn_forward, geometry=geometry),
+    return lax.platform_dependent(x, scale, bias, cpu=functools.partial(_native_forward, geometry=geometry),
                                   default=default)
 
 
-def _platform_grad(x, dy, mean, var, scale, bias, workspace, geometry):
-    """`_onednn_grad` on the CPU, `_reference_grad` elsewhere."""
-    def default(x, dy, mean, var, scale, bias, workspace):
+def _platform_grad(x, dy, mean, var, scale, bias, geometry):
+    """`_native_grad` on the CPU, `_reference_grad` elsewhere."""
+    def default(x, dy, mean, var, scale, bias):
         return _reference_grad(x, dy, mean, var, scale, bias, geometry.epsilon, geometry.relu)
 
-    return lax.platform_dependent(x, dy, mean, var, scale, bias, workspace,
-                                  cpu=functools.partial(_onednn_grad, geometry=geometry), default=default)
+    return lax.platform_dependent(x, dy, mean, var, scale, bias,
+                                  cpu=functools.partial(_native_grad, geometry=geometry), default=default)
 
 
-def _onednn_fwd(x, scale, bias, geometry):
-    y, mean, var, workspace = _platform_forward(x.value, scale.value, bias.value, geometry)
-    return (y, mean, var), (x.value, mean, var, scale.value, bias.value, workspace)
+def _native_fwd(x, scale, bias, geometry):
+    y, mean, var = _platform_forward(x.value, scale.value, bias.value, geometry)
+    return (y, mean, var), (x.value, mean, var, scale.value, bias.value)
 
 
-def _onednn_bwd(geometry, residuals, cotangents):
-    x, mean, var, scale, bias, workspace = residuals
+def _native_bwd(geometry, residuals, cotangents):
+    x, mean, var, scale, bias = residuals
     dy, dmean, dvar = cotangents
     if isinstance(dy, SymbolicZero):
-        dy = jnp.zeros(x.shape, jnp.float32)
-    dx, dscale, dbias = _platform_grad(x, dy, mean, var, scale, bias, workspace, geometry)
+        dy = jnp.zeros(x.shape, geometry.dtype)
+    dx, dscale, dbias = _platform_grad(x, dy, mean, var, scale, bias, geometry)
     # In training the statistics' cotangents are symbolic zeros (they only feed the running averages): skipped.
     def given(ct):
         return None if isinstance(ct, SymbolicZero) else ct
 
-    return _add_statistics_cotangents(dx, x, mean, given(dmean), given(dvar)), dscale, dbias
+    if given(dmean) is None and given(dvar) is None:
+        return dx, dscale, dbias
+    dx = _add_statistics_cotangents(dx.astype(jnp.float32), x.astype(jnp.float32), mean, given(dmean), given(dvar))
+    return dx.astype(x.dtype), dscale, dbias
 
 
-_batch_norm_onednn.defvjp(_onednn_fwd, _onednn_bwd, symbolic_zeros=True)
+_batch_norm_native.defvjp(_native_fwd, _native_bwd, symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------------------------ statistics over devices
@@ -267,22 +272,26 @@ batch_norm_train_synced.defvjp(_synced_fwd, _synced_bwd, symbolic_zeros=True)
 
 
 def batch_norm_act_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool,
-                         use_onednn: bool = True):
-    """`batch_norm_train`, then ``jax.nn.relu`` on y when `relu`: ``(y, mean, var)`` as that composition gives.
+                         use_onednn: bool = True, dtype=jnp.float32):
+    """`batch_norm_train`, then ``jax.nn.relu`` on y when `relu`, then y cast to `dtype`: ``(y, mean, var)`` as that
+    composition gives.
 
-    On the CPU backend, for float32 operands and with `use_onednn`, both passes (and the ReLU, and its mask in the
-    backward pass) run in oneDNN's batch-normalisation kernels (`jaxcnn.backends.cpu.kernels.norm_forward`): 2.3x
-    faster than XLA's fusions for a CIFAR ResNet's first stage on 2 cores (benchmarks/README.md). Elsewhere, and
-    with ``use_onednn=False`` (for a layer a pool follows: XLA fuses the normalisation, the ReLU and the pool, which
+    On the CPU backend, with `use_onednn`, for float32 operands, or a bfloat16 x (float32 scale and bias) with
+    ``dtype=bfloat16`` on a CPU with AMX or AVX512-BF16, both passes (and the ReLU, and its mask in the backward
+    pass) run in oneDNN's batch-normalisation kernels (`jaxcnn.backends.cpu.kernels.norm_forward`): 2.3x faster
+    than XLA's fusions for a CIFAR ResNet's first stage on 2 cores (benchmarks/README.md). Elsewhere, and with
+    ``use_onednn=False`` (for a layer a pool follows: XLA fuses the normalisation, the ReLU and the pool, which
     beat oneDNN's kernels plus a separate pool), this is the composition itself.
     """
     geometry = None
     if use_onednn:
-        geometry = kernels.norm_usable(x.shape, (x.dtype, scale.dtype, bias.dtype), relu=relu, epsilon=epsilon)
+        geometry = kernels.norm_usable(x.shape, (x.dtype, scale.dtype, bias.dtype), relu=relu, epsilon=epsilon,
+                                       bfloat16_output=np.dtype(dtype) == jnp.bfloat16)
     if geometry is not None:
-        return _batch_norm_onednn(x, scale, bias, geometry)
+        y, mean, var = _batch_norm_native(x, scale, bias, geometry)
+        return y.astype(dtype), mean, var
     y, mean, var = batch_norm_train(x, scale, bias, epsilon)
-    return (jax.nn.relu(y) if relu else y), mean, var
+    return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
 
 
 __all__ = ["batch_norm_act_train", "batch_norm_train", "batch_norm_train_synced"]
