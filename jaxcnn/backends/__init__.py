@@ -141,16 +141,17 @@ def max_pool(x: jax.Array, window_shape: tuple[int, int], strides: tuple[int, in
 
 
 def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float, relu: bool = False,
-               pool_follows: bool = False, axis_name: Any = None,
-               dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Training-mode batch normalisation of x ``[..., C]`` over every axis but the last, then ``jax.nn.relu`` when
-    `relu`: ``(y [..., C] in dtype, mean [C], var [C])`` with the batch mean and biased (two-pass) variance, float32.
+               pool_follows: bool = False, axis_name: Any = None, dtype: Any = jnp.float32,
+               residual: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch normalisation of x ``[..., C]`` over every axis but the last, plus `residual` (x's
+    shape) when given, then ``jax.nn.relu`` when `relu`: ``(y [..., C] in dtype, mean [C], var [C])`` with the
+    batch mean and biased (two-pass) variance, float32.
 
     ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``, as flax's BatchNorm computes it. The gradient is the
-    closed form (two per-channel sums, one elementwise pass); float32 on the CPU runs oneDNN's kernels, the ReLU
-    fused, unless `pool_follows` (a pooling layer that XLA fuses with the normalisation comes next), and so does a
-    bfloat16 x with ``dtype=bfloat16`` on CPUs with AMX or AVX512-BF16 (computed in float32 inside the kernel, y
-    rounded once to bfloat16: the values of the float32 formula cast to bfloat16).
+    closed form (two per-channel sums, one elementwise pass). On the CPU, float32 runs jaxcnn's native kernel (the
+    residual's add and the ReLU fused) unless `pool_follows` (a pooling layer that XLA fuses with the normalisation
+    comes next), and so does a bfloat16 x with ``dtype=bfloat16`` (computed in float32 inside the kernel, y rounded
+    once to bfloat16).
 
     With `axis_name` (a pmap / shard_map axis) x is this device's slice of the batch and the statistics are the
     whole batch's: the same closed form in JAX with its per-channel sums all-reduced (``lax.psum``) over the axis
@@ -158,8 +159,11 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: floa
     """
     if axis_name is not None:
         y, mean, var = _norm.batch_norm_train_synced(x, scale, bias, epsilon, axis_name)
+        if residual is not None:
+            y = y + residual.astype(jnp.float32)
         return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
-    return _norm.batch_norm_act_train(x, scale, bias, epsilon, relu, use_onednn=not pool_follows, dtype=dtype)
+    return _norm.batch_norm_act_train(x, scale, bias, epsilon, relu, use_onednn=not pool_follows, dtype=dtype,
+                                      residual=residual)
 
 
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:

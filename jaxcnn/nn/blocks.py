@@ -230,16 +230,32 @@ class _ResidualBase(nn.Module):
 
     expansion: ClassVar[int] = 1
 
-    def _join(self, y: jax.Array, x: jax.Array, pre: jax.Array | None) -> jax.Array:
-        """Adds the shortcut of x (of the pre-activated x for a preact projection) to the branch output y."""
-        if not self.residual:
-            return y if self.preact else self.act(y)
+    def _shortcut(self, x: jax.Array, pre: jax.Array | None) -> jax.Array:
+        """The shortcut of x (of the pre-activated x for a preact projection)."""
         out = self.features * self.expansion
         changes = x.shape[-1] != out or self.strides != 1
         source = pre if (self.preact and changes and self.shortcut == "B") else x
         norm = None if self.preact else self.norm
-        y = y + Shortcut(out, self.strides, self.shortcut, self.conv, norm, name="shortcut")(source)
-        return y if self.preact else self.act(y)
+        return Shortcut(out, self.strides, self.shortcut, self.conv, norm, name="shortcut")(source)
+
+    def _preact_join(self, y: jax.Array, x: jax.Array, pre: jax.Array) -> jax.Array:
+        """A pre-activation block's end: the branch output y plus the shortcut (no norm, no activation after)."""
+        return y + self._shortcut(x, pre) if self.residual else y
+
+    def _norm_join(self, y: jax.Array, x: jax.Array, name: str) -> jax.Array:
+        """A post-activation block's end: ``act(norm(y) + shortcut(x))`` (``act(norm(y))`` without a shortcut).
+
+        The last norm starts at zero scale with ``zero_init_residual``. Where that norm is a `layers.BatchNorm` and
+        the activation the ReLU, the norm, the sum and the ReLU are one call (`layers.BatchNorm` with a residual),
+        which the backend runs as one kernel.
+        """
+        norm = build(self, "norm", self.norm, name=name, zero_init=self.zero_init_residual)
+        if not self.residual:
+            return self.act(norm(y))
+        shortcut = self._shortcut(x, None)
+        if isinstance(norm, layers.BatchNorm) and self.act is jax.nn.relu:
+            return norm(y, shortcut, relu=True)
+        return self.act(norm(y) + shortcut)
 
     def _drop(self, y: jax.Array, train: bool) -> jax.Array:
         return nn.Dropout(self.dropout)(y, deterministic=not train) if self.dropout else y
@@ -263,11 +279,10 @@ class BasicBlock(_ResidualBase):
             y = conv(strides=self.strides, name="conv1")(pre)
             y = self._drop(norm_act(self.norm, self.act, block=self, name="norm2")(y), train)
             y = conv(name="conv2")(y)
-            return self._join(y, x, pre)
+            return self._preact_join(y, x, pre)
         y = norm_act(self.norm, self.act, block=self, name="norm1")(conv(strides=self.strides, name="conv1")(x))
         y = self._drop(y, train)
-        y = build(self, "norm", self.norm, name="norm2", zero_init=self.zero_init_residual)(conv(name="conv2")(y))
-        return self._join(y, x, None)
+        return self._norm_join(conv(name="conv2")(y), x, "norm2")
 
 
 class BottleneckBlock(_ResidualBase):
@@ -297,12 +312,11 @@ class BottleneckBlock(_ResidualBase):
             y = conv1(pre)
             y = conv2(norm_act(self.norm, self.act, block=self, name="norm2")(y))
             y = self._drop(norm_act(self.norm, self.act, block=self, name="norm3")(y), train)
-            return self._join(conv3(y), x, pre)
+            return self._preact_join(conv3(y), x, pre)
         y = norm_act(self.norm, self.act, block=self, name="norm1")(conv1(x))
         y = norm_act(self.norm, self.act, block=self, name="norm2")(conv2(y))
         y = self._drop(y, train)
-        y = build(self, "norm", self.norm, name="norm3", zero_init=self.zero_init_residual)(conv3(y))
-        return self._join(y, x, None)
+        return self._norm_join(conv3(y), x, "norm3")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -416,12 +416,15 @@ def batch_norm(
     pool_follows: bool = False,
     axis_name: str | None = None,
     dtype: Any = jnp.float32,
+    residual: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Batch normalisation per channel (the last axis): ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``.
 
     x: ``[N, ..., C]``; scale, bias: ``[C]``. Without ``mean`` and ``var`` (training) the statistics are the
     batch's, over every axis but the last: the mean and the biased variance ``mean((x - mean)**2)``, in float32.
-    With them (evaluation: the running statistics) those are used. ``relu=True`` returns ``relu(y)``.
+    With them (evaluation: the running statistics) those are used. ``residual`` (x's shape) is added to y, and
+    ``relu=True`` returns ``relu(y + residual)``: a post-activation residual block's last norm, sum and ReLU, which
+    the backend runs as one kernel.
     ``pool_follows`` changes no values (see `jaxcnn.nn.make_norm`). ``axis_name`` (a pmap / shard_map axis, training
     only): x is this device's slice and the statistics are the whole batch's. y is computed in float32 and returned in
     ``dtype`` (a bfloat16 model asks for bfloat16, which lets the CPU backend run the whole layer in bfloat16).
@@ -436,14 +439,18 @@ def batch_norm(
         if value is not None and tuple(jnp.shape(value)) != (c,):
             raise ValueError(f"batch_norm: {name} must have shape ({c},) for x of shape {tuple(x.shape)}, "
                              f"got {tuple(jnp.shape(value))}")
+    if residual is not None and tuple(jnp.shape(residual)) != tuple(x.shape):
+        raise ValueError(f"batch_norm: residual must have x's shape {tuple(x.shape)}, got {tuple(jnp.shape(residual))}")
     if (mean is None) != (var is None):
         raise ValueError("batch_norm: give both mean and var (evaluation) or neither (batch statistics)")
     if mean is None:
         return backends.batch_norm(x, scale, bias, epsilon=epsilon, relu=relu, pool_follows=pool_follows,
-                                   axis_name=axis_name, dtype=dtype)
+                                   axis_name=axis_name, dtype=dtype, residual=residual)
     mean, var = jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)
     y = (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + epsilon) * scale.astype(jnp.float32))
     y = y + bias.astype(jnp.float32)
+    if residual is not None:
+        y = y + residual.astype(jnp.float32)
     return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
 
 

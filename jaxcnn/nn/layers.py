@@ -207,7 +207,10 @@ class BatchNorm(nn.Module):
     (``use_fast_variance=False``, ``force_float32_reductions=True``): ``params: scale, bias``, ``batch_stats: mean,
     var``; ``dtype`` is the output dtype (None: promote the input and parameter dtypes); statistics are float32.
     ``relu=True`` makes the layer ``relu(BatchNorm(x))`` (conv-BN-ReLU's last two steps, which the backend may run
-    as one kernel). ``pool_follows=True`` says a pooling layer comes next (it changes no values; see `make_norm`).
+    as one kernel). Called with a ``residual`` (x's shape), the layer gives ``relu?(BatchNorm(x) + residual)``: a
+    post-activation residual block's last norm, shortcut sum and ReLU, also one kernel; ``relu`` (the call's
+    argument, default the field) says whether the ReLU follows the sum. ``pool_follows=True`` says a pooling layer
+    comes next (it changes no values; see `make_norm`).
     ``axis_name`` (a pmap / shard_map axis): each device holds a slice of the batch and training normalises with the
     whole batch's statistics (`jaxcnn.backends.batch_norm` all-reduces its per-channel sums), so the running
     statistics are the same on every device.
@@ -225,8 +228,9 @@ class BatchNorm(nn.Module):
     axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, residual: jax.Array | None = None, *, relu: bool | None = None) -> jax.Array:
         c = x.shape[-1]
+        relu = self.relu if relu is None else relu
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
@@ -234,12 +238,13 @@ class BatchNorm(nn.Module):
         out_dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
         if self.use_running_average:
             y, _, _ = F.batch_norm(x, scale, bias, mean=ra_mean.value, var=ra_var.value, epsilon=self.epsilon,
-                                   relu=self.relu, dtype=out_dtype)
+                                   relu=relu, dtype=out_dtype, residual=residual)
         else:
             # `init` runs outside pmap / shard_map (no axis to all-reduce over): local statistics, as flax does.
             axis_name = None if self.is_initializing() else self.axis_name
-            y, mean, var = F.batch_norm(x, scale, bias, epsilon=self.epsilon, relu=self.relu,
-                                        pool_follows=self.pool_follows, axis_name=axis_name, dtype=out_dtype)
+            y, mean, var = F.batch_norm(x, scale, bias, epsilon=self.epsilon, relu=relu,
+                                        pool_follows=self.pool_follows, axis_name=axis_name, dtype=out_dtype,
+                                        residual=residual)
             if not self.is_initializing():
                 mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean

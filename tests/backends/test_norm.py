@@ -170,8 +170,9 @@ def reference_bn_relu(x, scale, bias, relu):
     return (jax.nn.relu(y) if relu else y), mean, var
 
 
-def numpy_bn_relu_grads(x, g, scale, bias, relu):
-    """Float64 NumPy: y = relu?(BatchNorm(x) * scale + bias) and the gradient of sum(y * g) in x, scale, bias."""
+def numpy_bn_relu_grads(x, g, scale, bias, relu, residual=None):
+    """Float64 NumPy: y = relu?(BatchNorm(x) * scale + bias [+ residual]) and the gradient of sum(y * g) in x,
+    scale, bias (and the residual, appended when given)."""
     c = x.shape[-1]
     xs, gs = np.asarray(x, np.float64).reshape(-1, c), np.asarray(g, np.float64).reshape(-1, c)
     scale, bias = np.asarray(scale, np.float64), np.asarray(bias, np.float64)
@@ -179,11 +180,24 @@ def numpy_bn_relu_grads(x, g, scale, bias, relu):
     rstd = 1 / np.sqrt(var + 1e-5)
     xhat = (xs - mean) * rstd
     pre = xhat * scale + bias
+    if residual is not None:
+        pre = pre + np.asarray(residual, np.float64).reshape(-1, c)
     y = np.maximum(pre, 0) if relu else pre
     gs = gs * (pre > 0) if relu else gs
     dbias, dscale = gs.sum(0), (gs * xhat).sum(0)
     dx = scale * rstd * (gs - dbias / len(xs) - xhat * dscale / len(xs))
-    return y.reshape(x.shape), mean, var, dx.reshape(x.shape), dscale, dbias
+    out = (y.reshape(x.shape), mean, var, dx.reshape(x.shape), dscale, dbias)
+    return out if residual is None else (*out, gs.reshape(x.shape))
+
+
+def residual_away_from_kink(x, scale, bias, seed):
+    """A residual r for which BatchNorm(x) * scale + bias + r keeps the sign of BatchNorm(x) * scale + bias (already
+    away from 0), with |r| up to 1: the ReLU's mask cannot depend on rounding."""
+    c = x.shape[-1]
+    xs = np.asarray(x, np.float64).reshape(-1, c)
+    pre = (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5) * np.asarray(scale) + np.asarray(bias)
+    r = np.abs(np.random.default_rng(seed).standard_normal(xs.shape)).clip(0, 1) * np.sign(pre)
+    return jnp.asarray(r.reshape(x.shape), jnp.float32)
 
 
 @needs_onednn
@@ -233,6 +247,59 @@ def test_native_bfloat16_path_against_numpy(relu):
     assert bf16_ulps(y, want_y).max() <= 1.0 and bf16_ulps(dx, want_dx).max() <= 1.0
     for got, expected in ((mean, want_mean), (var, want_var), (dscale, want_dscale), (dbias, want_dbias)):
         np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=2e-4, atol=2e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("relu", [True, False], ids=["bn-add-relu", "bn-add"])
+def test_native_residual_path_against_numpy(relu):
+    """relu?(BatchNorm(x) + residual) in one native call: values and all four gradients against float64 NumPy."""
+    x, g, scale, bias = away_from_relu_kink((16, 8, 8, 16), seed=13)
+    r = residual_away_from_kink(x, scale, bias, seed=14)
+
+    def loss(x, scale, bias, r):
+        y, mean, var = fast_norm.batch_norm_act_train(x, scale, bias, 1e-5, relu, residual=r)
+        return jnp.sum(y * g), (y, mean, var)
+
+    fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))
+    hlo = fn.lower(x, scale, bias, r).as_text()
+    assert "jaxcnn_batch_norm_add_fwd" in hlo and "jaxcnn_batch_norm_add_bwd" in hlo
+    (_, (y, mean, var)), (dx, dscale, dbias, dr) = fn(x, scale, bias, r)
+    want = numpy_bn_relu_grads(x, g, scale, bias, relu, residual=r)
+    for got, expected in zip((y, mean, var, dx, dscale, dbias, dr), want):
+        np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=2e-4, atol=2e-4)
+
+
+@needs_onednn
+def test_native_residual_path_bfloat16_and_second_derivatives():
+    """bfloat16 activations with a residual: within one bfloat16 step of float64 NumPy; and a Hessian-vector
+    product through the fused layer equals the JAX composition's."""
+    x, g, scale, bias = away_from_relu_kink((16, 8, 8, 16), seed=15)
+    r = residual_away_from_kink(x, scale, bias, seed=16)
+    xb, rb, gb = x.astype(jnp.bfloat16), r.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+
+    def loss(x, scale, bias, r):
+        y, _, _ = fast_norm.batch_norm_act_train(x, scale, bias, 1e-5, True, dtype=jnp.bfloat16, residual=r)
+        return jnp.sum(y.astype(jnp.float32) * gb.astype(jnp.float32)), y
+
+    (_, y), (dx, _, dbias, dr) = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))(xb, scale, bias, rb)
+    want_y, _, _, want_dx, _, want_dbias, want_dr = numpy_bn_relu_grads(
+        np.asarray(xb, np.float64), np.asarray(gb, np.float64), scale, bias, True, residual=np.asarray(rb, np.float64))
+    assert y.dtype == dx.dtype == dr.dtype == jnp.bfloat16
+    assert bf16_ulps(y, want_y).max() <= 1.0 and bf16_ulps(dx, want_dx).max() <= 1.0
+    np.testing.assert_array_equal(np.asarray(dr, np.float64), want_dr)  # dy where the ReLU passed it, exactly
+    np.testing.assert_allclose(dbias, want_dbias, rtol=2e-4, atol=2e-4)
+
+    v = jnp.asarray(np.random.default_rng(17).standard_normal(x.shape), jnp.float32)
+
+    def hvp(layer):
+        def loss(x, s, r):
+            return jnp.sum(jnp.tanh(layer(x, s, r)) * g)
+        return jax.grad(lambda x, s, r: jnp.vdot(jax.grad(loss, (0, 2))(x, s, r)[0], v), (0, 1, 2))(x, scale, r)
+
+    fused = hvp(lambda x, s, r: fast_norm.batch_norm_act_train(x, s, bias, 1e-5, True, residual=r)[0])
+    composed = hvp(lambda x, s, r: jax.nn.relu(fast_norm.batch_norm_train(x, s, bias, 1e-5)[0] + r))
+    for got, want in zip(fused, composed):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
 @needs_onednn

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from reference_numpy import np_conv2d, np_max_pool
 
+from jaxcnn import backends
 from jaxcnn.models import create_model
 from jaxcnn.nn import layers
 from jaxcnn.nn.blocks import (
@@ -77,6 +78,33 @@ def test_basic_block_option_a_stride_2_matches_numpy():
     shortcut = np.concatenate([x[:, ::2, ::2], np.zeros((2, 4, 4, 4))], axis=-1)  # every 2nd cell, zero channels
     np.testing.assert_allclose(got, relu(y + shortcut), rtol=1e-4, atol=1e-4)
     assert "shortcut" not in p  # option A has no parameters
+
+
+@pytest.mark.parametrize("shortcut, strides", [("A", 2), ("B", 2), ("B", 1)])
+def test_basic_block_in_training_matches_numpy_with_batch_statistics(shortcut, strides):
+    """Training mode: BatchNorm with the batch's statistics; the last norm, the shortcut sum and the ReLU are one
+    BatchNorm call with a residual (one native kernel on the CPU)."""
+    x = RNG.normal(size=(4, 6, 6, 4)).astype(np.float32)
+    block = BasicBlock(8, strides=strides, shortcut=shortcut, conv=functools.partial(layers.Conv2d, use_bias=False),
+                       norm=norm_def(train=True))
+    variables = randomize(abstract_init(block, x))
+    fn = jax.jit(lambda v, x: block.apply(v, x, mutable=["batch_stats"])[0])
+    if jax.default_backend() == "cpu" and backends.native_kernels_available():
+        assert "jaxcnn_batch_norm_add_fwd" in fn.lower(variables, x).as_text()
+    p = variables["params"]
+
+    def bn_train(y, params):
+        mean, var = y.mean((0, 1, 2)), y.var((0, 1, 2))
+        return (y - mean) / np.sqrt(var + 1e-5) * params["scale"] + params["bias"]
+
+    pad = ((1, 1), (1, 1))
+    y = relu(bn_train(np_conv2d(x, p["conv1"]["kernel"], stride=strides, padding=pad), p["norm1"]))
+    y = bn_train(np_conv2d(y, p["conv2"]["kernel"], padding=pad), p["norm2"])
+    if shortcut == "A":
+        short = np.concatenate([x[:, ::2, ::2], np.zeros(x[:, ::2, ::2].shape)], axis=-1)
+    else:
+        short = bn_train(np_conv2d(x, p["shortcut"]["conv"]["kernel"], stride=strides), p["shortcut"]["norm"])
+    np.testing.assert_allclose(fn(variables, x), relu(y + short), rtol=2e-4, atol=2e-4)
 
 
 def test_preact_bottleneck_with_groups_and_projection_matches_numpy():

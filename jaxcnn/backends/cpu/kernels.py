@@ -68,7 +68,9 @@ _TARGETS = {FORWARD: ("jaxcnn_onednn_conv_fwd", "JaxcnnConvFwd"),
             BACKWARD_DATA: ("jaxcnn_onednn_conv_bwd_data", "JaxcnnConvBwdData"),
             BACKWARD_WEIGHTS: ("jaxcnn_onednn_conv_bwd_weights", "JaxcnnConvBwdWeights")}
 _NORM_TARGETS = {"forward": ("jaxcnn_batch_norm_fwd", "JaxcnnNormFwd"),
-                 "backward": ("jaxcnn_batch_norm_bwd", "JaxcnnNormBwd")}
+                 "backward": ("jaxcnn_batch_norm_bwd", "JaxcnnNormBwd"),
+                 "forward_add": ("jaxcnn_batch_norm_add_fwd", "JaxcnnNormAddFwd"),
+                 "backward_add": ("jaxcnn_batch_norm_add_bwd", "JaxcnnNormAddBwd")}
 _POOL_TARGETS = {"forward": ("jaxcnn_max_pool_fwd", "JaxcnnMaxPoolFwd"),
                  "backward": ("jaxcnn_max_pool_bwd", "JaxcnnMaxPoolBwd")}
 _MATMUL_TARGET = ("jaxcnn_onednn_matmul", "JaxcnnMatmul")
@@ -420,29 +422,37 @@ def _norm_attrs(geometry: NormGeometry) -> dict:
                 threads=np.int64(geometry.threads))
 
 
-def norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, geometry: NormGeometry):
+def norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, geometry: NormGeometry,
+                 residual: jax.Array | None = None):
     """The native training-mode BatchNorm (batch_norm.cc; the ReLU when ``geometry.relu``): x ``[..., C]``, scale,
     bias ``[C]`` -> ``(y [..., C], mean [C], var [C] (biased))``: y in ``geometry.dtype``, the statistics float32.
+    With `residual` (x's shape and dtype) it is added to the normalised value before the ReLU.
 
     Not differentiable by itself: `jaxcnn.backends.cpu.norm` wraps it (and `norm_backward`) in derivative rules.
     """
     c = geometry.x_shape[-1]
     stat = jax.ShapeDtypeStruct((c,), np.float32)
     out = (jax.ShapeDtypeStruct(geometry.x_shape, geometry.dtype), stat, stat)
-    call = jax.ffi.ffi_call(_NORM_TARGETS["forward"][0], out, vmap_method="sequential")
-    return call(x, scale, bias, **_norm_attrs(geometry))
+    if residual is None:
+        return jax.ffi.ffi_call(_NORM_TARGETS["forward"][0], out, vmap_method="sequential")(
+            x, scale, bias, **_norm_attrs(geometry))
+    return jax.ffi.ffi_call(_NORM_TARGETS["forward_add"][0], out, vmap_method="sequential")(
+        x, scale, bias, residual, **_norm_attrs(geometry))
 
 
 def norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
-                  bias: jax.Array, geometry: NormGeometry):
-    """The gradient of `norm_forward`'s y (the ReLU's mask recomputed from x): ``(dx [..., C], dscale [C],
-    dbias [C])`` for the cotangent dy ``[..., C]``, with the forward's batch mean and variance (x, dy and dx in
-    ``geometry.dtype``)."""
+                  bias: jax.Array, geometry: NormGeometry, residual: jax.Array | None = None):
+    """The gradient of `norm_forward`'s y (the ReLU's mask recomputed from x, and the residual when given):
+    ``(dx [..., C], dscale [C], dbias [C])``, then ``dresidual`` with a residual, for the cotangent dy ``[..., C]``,
+    with the forward's batch mean and variance (x, dy, dx and the residual in ``geometry.dtype``)."""
     c = geometry.x_shape[-1]
     stat = jax.ShapeDtypeStruct((c,), np.float32)
-    out = (jax.ShapeDtypeStruct(geometry.x_shape, geometry.dtype), stat, stat)
-    call = jax.ffi.ffi_call(_NORM_TARGETS["backward"][0], out, vmap_method="sequential")
-    return call(x, dy, mean, var, scale, bias, **_norm_attrs(geometry))
+    activation = jax.ShapeDtypeStruct(geometry.x_shape, geometry.dtype)
+    if residual is None:
+        return jax.ffi.ffi_call(_NORM_TARGETS["backward"][0], (activation, stat, stat), vmap_method="sequential")(
+            x, dy, mean, var, scale, bias, **_norm_attrs(geometry))
+    return jax.ffi.ffi_call(_NORM_TARGETS["backward_add"][0], (activation, stat, stat, activation),
+                            vmap_method="sequential")(x, dy, mean, var, scale, bias, residual, **_norm_attrs(geometry))
 
 
 # -------------------------------------------------------------------------------------------- matrix products

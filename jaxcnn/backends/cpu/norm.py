@@ -1,4 +1,4 @@
-"""Training-mode BatchNorm with a hand-written VJP (flax's `nn.BatchNorm` mathematics), and oneDNN's kernels for it.
+"""Training-mode BatchNorm with a hand-written VJP (flax's `nn.BatchNorm` mathematics), and native kernels for it.
 
 `jaxcnn.backends.batch_norm` (what `jaxcnn.nn.BatchNorm` calls in training) is `batch_norm_act_train`: it
 normalises with the batch's per-channel mean and (two-pass, biased) variance, computed in float32. Automatic
@@ -12,16 +12,15 @@ which ran 25% faster than flax's on CIFAR ResNet shapes on 2 CPU cores (benchmar
 shard_map (a BatchNorm ``axis_name``) `batch_norm_train_synced` is the same closed form with its per-channel sums
 (the mean and variance forward, ``sum(dy)`` and ``sum(dy * xhat)`` backward) all-reduced over the devices.
 
-On the CPU backend, float32 training-mode BatchNorm runs in oneDNN's batch-normalisation kernels instead (XLA FFI
-calls built with the convolutions, `jaxcnn.backends.cpu.kernels`), fused with the ReLU that follows it when
-``relu=True`` (what `make_norm(..., activation=jax.nn.relu)` and every conv-BN-ReLU block build): one forward call
-(statistics, normalisation, ReLU, the ReLU's bit mask) and one backward call. On a CIFAR ResNet's first stage
-(128x32x32x16) forward and backward take 2.0 ms against 4.7 ms for XLA's fusions on 2 cores; ResNet-20's training
-step went from 620 to 700-760 images/s. bfloat16 activations whose BatchNorm output is wanted in bfloat16 (a model
-built with ``dtype=bfloat16``) run the same kernels in bfloat16 on CPUs with AMX or AVX512-BF16: oneDNN reads
-bfloat16, computes the statistics and the normalisation in float32, and writes y (and, backward, dx) rounded once
-to bfloat16, as XLA's float32 formulas followed by the cast to bfloat16 give. The derivatives of those calls are these JAX formulas (second derivatives
-work); a function traced here and lowered for another platform gets the XLA version (`lax.platform_dependent`).
+On the CPU backend, training-mode BatchNorm runs in jaxcnn's own kernel instead (`csrc/batch_norm.cc`, XLA FFI calls
+built with the convolutions, `jaxcnn.backends.cpu.kernels`), split over XLA's thread pool: one forward call
+(statistics, normalisation, and the ReLU after it when ``relu=True``, what `make_norm(..., activation=jax.nn.relu)`
+and every conv-BN-ReLU block build) and one backward call, which recomputes the ReLU's mask from x. A residual
+block's last BatchNorm, its shortcut sum and the ReLU after it are one call too (``residual``). float32 activations,
+and bfloat16 ones whose output is wanted in bfloat16 (a model built with ``dtype=bfloat16``): the kernel computes in
+float32 and rounds y (and, backward, dx) once to bfloat16. The derivatives of those calls are these JAX formulas
+(second derivatives work); a function traced here and lowered for another platform gets the XLA version
+(`lax.platform_dependent`).
 """
 
 from __future__ import annotations
@@ -106,33 +105,47 @@ batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
 
 # ------------------------------------------------------------------------------------------- native kernels (CPU)
+#
+# Every function here takes an optional `residual` (x's shape and dtype, or None): added to the normalised value
+# before the ReLU, ``y = relu?(BatchNorm(x) + residual)``, the last three steps of a post-activation residual block.
 
-def _reference_grad(x, dy, mean, var, scale, bias, epsilon, relu):
-    """`_native_grad` in JAX operations: (dx, dscale, dbias) of y = [relu](BatchNorm(x)) for the cotangent dy.
+def _pre_activation(x, mean, rstd, scale, bias, residual):
+    """The float32 value the ReLU sees: BatchNorm(x) (flax's formula), plus the residual."""
+    y = (x.astype(jnp.float32) - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+    return y if residual is None else y + residual.astype(jnp.float32)
 
-    Computed in float32; dx comes back in x's dtype. The ReLU's mask is recomputed from x, as the native kernel
-    does. Its derivatives are the second derivatives of the fused layer.
+
+def _reference_grad(x, dy, mean, var, scale, bias, residual, epsilon, relu):
+    """`_native_grad` in JAX operations: (dx, dscale, dbias[, dresidual]) of y = relu?(BatchNorm(x) + residual) for
+    the cotangent dy.
+
+    Computed in float32; dx (and dresidual) come back in x's dtype. The ReLU's mask is recomputed from x, as the
+    native kernel does. Its derivatives are the second derivatives of the fused layer.
     """
     rstd = lax.rsqrt(var + epsilon)
     xhat = (x.astype(jnp.float32) - mean) * rstd
     dy = dy.astype(jnp.float32)
     if relu:
-        dy = jnp.where(xhat * scale + bias > 0, dy, 0.0)
+        dy = jnp.where(_pre_activation(x, mean, rstd, scale, bias, residual) > 0, dy, 0.0)
     dx, dscale, dbias = _normalized_grad(xhat, dy, rstd, scale)
-    return dx.astype(x.dtype), dscale, dbias
+    if residual is None:
+        return dx.astype(x.dtype), dscale, dbias
+    return dx.astype(x.dtype), dscale, dbias, dy.astype(residual.dtype)
 
 
-def _reference_forward(x, scale, bias, epsilon, relu, dtype=jnp.float32):
-    """`batch_norm_train`'s forward pass, then the ReLU when `relu`: ``(y in dtype, mean, var)``."""
+def _reference_forward(x, scale, bias, residual, epsilon, relu, dtype=jnp.float32):
+    """`batch_norm_train`'s forward pass, plus the residual, then the ReLU when `relu`: ``(y in dtype, mean, var)``."""
     y, mean, var, _ = _forward(x, scale, bias, epsilon)
+    if residual is not None:
+        y = y + residual.astype(jnp.float32)
     return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _native_forward(x, scale, bias, geometry):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _native_forward(x, scale, bias, residual, geometry):
     """The native forward pass ``(y, mean, var)``, differentiable (for second derivatives, where the backward pass
     itself is differentiated) through `_reference_forward`'s JAX operations."""
-    return kernels.norm_forward(x, scale, bias, geometry)
+    return kernels.norm_forward(x, scale, bias, geometry, residual)
 
 
 @_native_forward.defjvp
@@ -144,14 +157,15 @@ def _native_forward_jvp(geometry, primals, tangents):
     return out, tangent_out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _native_grad(x, dy, mean, var, scale, bias, geometry):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _native_grad(x, dy, mean, var, scale, bias, residual, geometry):
     """The native backward pass, differentiable again through `_reference_grad`."""
-    return kernels.norm_backward(x, dy, mean, var, scale, bias, geometry)
+    return kernels.norm_backward(x, dy, mean, var, scale, bias, geometry, residual)
 
 
-def _native_grad_fwd(x, dy, mean, var, scale, bias, geometry):
-    return kernels.norm_backward(x, dy, mean, var, scale, bias, geometry), (x, dy, mean, var, scale, bias)
+def _native_grad_fwd(x, dy, mean, var, scale, bias, residual, geometry):
+    out = kernels.norm_backward(x, dy, mean, var, scale, bias, geometry, residual)
+    return out, (x, dy, mean, var, scale, bias, residual)
 
 
 def _native_grad_bwd(geometry, residuals, cotangents):
@@ -162,51 +176,54 @@ def _native_grad_bwd(geometry, residuals, cotangents):
 _native_grad.defvjp(_native_grad_fwd, _native_grad_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm_native(x: jax.Array, scale: jax.Array, bias: jax.Array, geometry: kernels.NormGeometry):
-    """`batch_norm_train` (then the ReLU when ``geometry.relu``) in the native kernels: ``(y, mean, var)``, y in
-    ``geometry.dtype``."""
-    return _platform_forward(x, scale, bias, geometry)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _batch_norm_native(x: jax.Array, scale: jax.Array, bias: jax.Array, residual: jax.Array | None,
+                       geometry: kernels.NormGeometry):
+    """`batch_norm_train` (plus the residual, then the ReLU when ``geometry.relu``) in the native kernels:
+    ``(y, mean, var)``, y in ``geometry.dtype``."""
+    return _platform_forward(x, scale, bias, residual, geometry)
 
 
-def _platform_forward(x, scale, bias, geometry):
+def _platform_forward(x, scale, bias, residual, geometry):
     """The native forward pass on the CPU; on other platforms (a function traced here, exported for a GPU) its JAX
     operations."""
-    def default(x, scale, bias):
-        return _reference_forward(x, scale, bias, geometry.epsilon, geometry.relu, geometry.dtype)
+    def default(x, scale, bias, residual):
+        return _reference_forward(x, scale, bias, residual, geometry.epsilon, geometry.relu, geometry.dtype)
 
-    return lax.platform_dependent(x, scale, bias, cpu=functools.partial(_native_forward, geometry=geometry),
-                                  default=default)
+    return lax.platform_dependent(x, scale, bias, residual,
+                                  cpu=functools.partial(_native_forward, geometry=geometry), default=default)
 
 
-def _platform_grad(x, dy, mean, var, scale, bias, geometry):
+def _platform_grad(x, dy, mean, var, scale, bias, residual, geometry):
     """`_native_grad` on the CPU, `_reference_grad` elsewhere."""
-    def default(x, dy, mean, var, scale, bias):
-        return _reference_grad(x, dy, mean, var, scale, bias, geometry.epsilon, geometry.relu)
+    def default(x, dy, mean, var, scale, bias, residual):
+        return _reference_grad(x, dy, mean, var, scale, bias, residual, geometry.epsilon, geometry.relu)
 
-    return lax.platform_dependent(x, dy, mean, var, scale, bias,
+    return lax.platform_dependent(x, dy, mean, var, scale, bias, residual,
                                   cpu=functools.partial(_native_grad, geometry=geometry), default=default)
 
 
-def _native_fwd(x, scale, bias, geometry):
-    y, mean, var = _platform_forward(x.value, scale.value, bias.value, geometry)
-    return (y, mean, var), (x.value, mean, var, scale.value, bias.value)
+def _native_fwd(x, scale, bias, residual, geometry):
+    residual = None if residual is None else residual.value
+    y, mean, var = _platform_forward(x.value, scale.value, bias.value, residual, geometry)
+    return (y, mean, var), (x.value, mean, var, scale.value, bias.value, residual)
 
 
-def _native_bwd(geometry, residuals, cotangents):
-    x, mean, var, scale, bias = residuals
+def _native_bwd(geometry, saved, cotangents):
+    x, mean, var, scale, bias, residual = saved
     dy, dmean, dvar = cotangents
     if isinstance(dy, SymbolicZero):
         dy = jnp.zeros(x.shape, geometry.dtype)
-    dx, dscale, dbias = _platform_grad(x, dy, mean, var, scale, bias, geometry)
+    dx, dscale, dbias, *dresidual = _platform_grad(x, dy, mean, var, scale, bias, residual, geometry)
+    dresidual = dresidual[0] if dresidual else None
     # In training the statistics' cotangents are symbolic zeros (they only feed the running averages): skipped.
     def given(ct):
         return None if isinstance(ct, SymbolicZero) else ct
 
-    if given(dmean) is None and given(dvar) is None:
-        return dx, dscale, dbias
-    dx = _add_statistics_cotangents(dx.astype(jnp.float32), x.astype(jnp.float32), mean, given(dmean), given(dvar))
-    return dx.astype(x.dtype), dscale, dbias
+    if given(dmean) is not None or given(dvar) is not None:
+        dx = _add_statistics_cotangents(dx.astype(jnp.float32), x.astype(jnp.float32), mean, given(dmean),
+                                        given(dvar)).astype(x.dtype)
+    return dx, dscale, dbias, dresidual
 
 
 _batch_norm_native.defvjp(_native_fwd, _native_bwd, symbolic_zeros=True)
@@ -272,25 +289,27 @@ batch_norm_train_synced.defvjp(_synced_fwd, _synced_bwd, symbolic_zeros=True)
 
 
 def batch_norm_act_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool,
-                         use_onednn: bool = True, dtype=jnp.float32):
-    """`batch_norm_train`, then ``jax.nn.relu`` on y when `relu`, then y cast to `dtype`: ``(y, mean, var)`` as that
-    composition gives.
+                         use_onednn: bool = True, dtype=jnp.float32, residual: jax.Array | None = None):
+    """`batch_norm_train`, plus `residual` (when given), then ``jax.nn.relu`` when `relu`, then y cast to `dtype`:
+    ``(y, mean, var)`` as that composition gives.
 
     On the CPU backend, with `use_onednn`, for float32 operands, or a bfloat16 x (float32 scale and bias) with
-    ``dtype=bfloat16`` on a CPU with AMX or AVX512-BF16, both passes (and the ReLU, and its mask in the backward
-    pass) run in oneDNN's batch-normalisation kernels (`jaxcnn.backends.cpu.kernels.norm_forward`): 2.3x faster
-    than XLA's fusions for a CIFAR ResNet's first stage on 2 cores (benchmarks/README.md). Elsewhere, and with
-    ``use_onednn=False`` (for a layer a pool follows: XLA fuses the normalisation, the ReLU and the pool, which
-    beat oneDNN's kernels plus a separate pool), this is the composition itself.
+    ``dtype=bfloat16``, both passes (the residual's add, the ReLU and its mask in the backward pass included) run
+    in jaxcnn's native kernels (`jaxcnn.backends.cpu.kernels.norm_forward`), split over XLA's thread pool; a
+    residual must then have x's shape and dtype. Elsewhere, and with ``use_onednn=False`` (for a layer a pool
+    follows: XLA fuses the normalisation, the ReLU and the pool, which beat a separate kernel and pool), this is
+    the composition itself.
     """
     geometry = None
-    if use_onednn:
+    if use_onednn and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)):
         geometry = kernels.norm_usable(x.shape, (x.dtype, scale.dtype, bias.dtype), relu=relu, epsilon=epsilon,
                                        bfloat16_output=np.dtype(dtype) == jnp.bfloat16)
     if geometry is not None:
-        y, mean, var = _batch_norm_native(x, scale, bias, geometry)
+        y, mean, var = _batch_norm_native(x, scale, bias, residual, geometry)
         return y.astype(dtype), mean, var
     y, mean, var = batch_norm_train(x, scale, bias, epsilon)
+    if residual is not None:
+        y = y + residual.astype(jnp.float32)
     return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
 
 

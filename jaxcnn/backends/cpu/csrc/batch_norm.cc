@@ -8,6 +8,10 @@
 //       -> y = max?(0, (x - mean) * (rstd * scale) + bias), mean [C], var [C] (biased)
 //   JaxcnnNormBwd (x, dy, mean [C], var [C], scale [C], bias [C])
 //       -> dx, dscale [C], dbias [C]   (the gradient of the forward's y)
+// and the same with a residual r added before the ReLU (a residual block's last BatchNorm, its shortcut and the
+// ReLU after the sum in one pass):
+//   JaxcnnNormAddFwd (x, scale, bias, r) -> y = max?(0, (x - mean) * (rstd * scale) + bias + r), mean, var
+//   JaxcnnNormAddBwd (x, dy, mean, var, scale, bias, r) -> dx, dscale, dbias, dr (= dy where the ReLU passed it)
 // with rstd = 1 / sqrt(var + epsilon). Attributes: "epsilon" (f32), "relu" (int64: 1 = the ReLU is fused),
 // "threads" (int64: 0 = XLA's thread pool, anything else = the calling thread only, as when XLA runs several CPU
 // devices in one process; see onednn_conv.cc).
@@ -16,14 +20,14 @@
 // float32: mean = sum(x) / M, var = sum((x - mean)^2) / M (two passes), and backward, with xhat = (x - mean) * rstd
 // and dy zeroed where the ReLU's input was not positive,
 //   dbias = sum(dy),  dscale = sum(dy * xhat),  dx = scale * rstd * (dy - dbias / M - xhat * dscale / M).
-// The backward pass recomputes the ReLU's mask from x with the forward's own expression (`Affine`, the same code
-// in both), so it is the forward's mask bit for bit and no mask is stored. bfloat16 values are widened exactly and
+// The backward pass recomputes the ReLU's mask from x (and r) with the forward's own expression (`Affine`, the same
+// code in both), so it is the forward's mask bit for bit and no mask is stored. bfloat16 values are widened exactly and
 // y and dx are rounded once to bfloat16, to nearest even (as XLA converts).
 //
 // Sums: the rows are cut into a fixed number of chunks (from M and the pool's size only, so a result never depends
 // on which thread ran which chunk); each chunk sums blocks of 64 rows in float32 and the blocks in double, and the
-// chunks' sums are added in chunk order. The loops over channels are compiled for AVX-512 and for any x86-64 (GCC
-// picks one when the library loads).
+// chunks' sums are added in chunk order. The loops are compiled for AVX-512, AVX2 and any x86-64 (GCC picks one when
+// the library loads).
 
 #include <algorithm>
 #include <cmath>
@@ -48,7 +52,8 @@ namespace {
 #endif
 #define JAXCNN_INLINE inline __attribute__((always_inline))
 
-constexpr int64_t kBlockRows = 64;
+constexpr int64_t kBlockRows = 64;   // rows summed in float32 before a double add
+constexpr int64_t kTileValues = 256;  // values per tile of whole rows (see SumRowsT)
 
 JAXCNN_INLINE float Widen(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -58,12 +63,13 @@ JAXCNN_INLINE float Widen(uint16_t v) {
 }
 
 // float32 -> bfloat16, rounded to nearest even (NaN kept a NaN), as XLA converts.
+// Written without branches, so that loops storing bfloat16 vectorise.
 JAXCNN_INLINE uint16_t Narrow(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (bits >> 16) | 0x40u;
+  return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 inline float Load(const float* p, int64_t i) { return p[i]; }
@@ -74,128 +80,181 @@ inline void Store(uint16_t* p, int64_t i, float v) { p[i] = Narrow(v); }
 // The normalised, scaled and shifted value before the ReLU; forward and backward both use this expression.
 JAXCNN_INLINE float Affine(float x, float mean, float a, float b) { return (x - mean) * a + b; }
 
-// acc[c] += sum over rows [r0, r1) of (x[r, c] - shift[c])^power (power 1 or 2; shift null = 0).
+// The loops below run over tiles of R whole rows (R * C contiguous values, R = max(1, 256 / C)) with the
+// per-channel parameters repeated R times, so that a layer with few channels (C = 16) still gets one long
+// vectorised loop instead of a 16-value loop per row. Sums are kept per tile position and folded to C channels in
+// a fixed order.
+
+// acc[c] += sum over rows [r0, r1) of (x[r, c] - shift[c])^power (power 1 or 2; shift: tiled, null for power 1).
 template <typename T>
-JAXCNN_INLINE void SumRowsT(const T* x, int64_t c, int64_t r0, int64_t r1, const float* shift, int power,
-                           double* acc) {
-  std::vector<float> block(c);
-  for (int64_t b0 = r0; b0 < r1; b0 += kBlockRows) {
+JAXCNN_INLINE void SumRowsT(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* shift,
+                            int power, double* acc) {
+  const int64_t width = tile * c, block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
+  std::vector<float> block(width);
+  std::vector<double> total(width, 0.0);
+  for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
     std::fill(block.begin(), block.end(), 0.0f);
-    const int64_t b1 = std::min(r1, b0 + kBlockRows);
-    for (int64_t r = b0; r < b1; ++r) {
-      const T* row = x + r * c;
+    const int64_t b1 = std::min(r1, b0 + block_rows);
+    for (int64_t r = b0; r < b1; r += tile) {
+      const T* p = x + r * c;
+      const int64_t n = std::min(tile, b1 - r) * c;
       if (power == 1) {
-        for (int64_t j = 0; j < c; ++j) block[j] += Load(row, j);
+        #pragma GCC ivdep  // the arrays never overlap
+        for (int64_t k = 0; k < n; ++k) block[k] += Load(p, k);
       } else {
-        for (int64_t j = 0; j < c; ++j) {
-          const float d = Load(row, j) - shift[j];
-          block[j] += d * d;
+        #pragma GCC ivdep  // the arrays never overlap
+        for (int64_t k = 0; k < n; ++k) {
+          const float d = Load(p, k) - shift[k];
+          block[k] += d * d;
         }
       }
     }
-    for (int64_t j = 0; j < c; ++j) acc[j] += block[j];
+    for (int64_t k = 0; k < width; ++k) total[k] += block[k];
   }
+  for (int64_t k = 0; k < width; ++k) acc[k % c] += total[k];
 }
 
-template <typename T>
-JAXCNN_INLINE void NormalizeRowsT(const T* x, T* y, int64_t c, int64_t r0, int64_t r1, const float* mean,
-                                 const float* a, const float* b, bool relu) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = x + r * c;
-    T* yr = y + r * c;
-    for (int64_t j = 0; j < c; ++j) {
-      float v = Affine(Load(xr, j), mean[j], a[j], b[j]);
-      if (relu) v = v > 0.0f ? v : 0.0f;
-      Store(yr, j, v);
+// The value before the ReLU at flat index k of a tile: Affine(x), plus the residual's value (kResidual).
+template <bool kResidual, typename T>
+JAXCNN_INLINE float PreActivation(const T* xp, const T* rp, int64_t k, const float* mean, const float* a,
+                                  const float* b) {
+  const float v = Affine(Load(xp, k), mean[k], a[k], b[k]);
+  if constexpr (kResidual) return v + Load(rp, k);
+  return v;
+}
+
+template <bool kResidual, bool kRelu, typename T>
+JAXCNN_INLINE void NormalizeRowsT(const T* x, const T* res, T* y, int64_t c, int64_t tile, int64_t r0, int64_t r1,
+                                  const float* mean, const float* a, const float* b) {
+  for (int64_t r = r0; r < r1; r += tile) {
+    const T* xp = x + r * c;
+    const T* rp = res ? res + r * c : nullptr;
+    T* yp = y + r * c;
+    const int64_t n = std::min(tile, r1 - r) * c;
+    #pragma GCC ivdep  // the arrays never overlap
+    for (int64_t k = 0; k < n; ++k) {
+      float v = PreActivation<kResidual>(xp, rp, k, mean, a, b);
+      if constexpr (kRelu) v = v > 0.0f ? v : 0.0f;
+      Store(yp, k, v);
     }
   }
 }
 
 // dbias and dscale partial sums over rows [r0, r1): sum(dy'), sum(dy' * xhat), dy' = dy masked by the ReLU.
-template <typename T>
-JAXCNN_INLINE void GradSumRowsT(const T* x, const T* dy, int64_t c, int64_t r0, int64_t r1, const float* mean,
-                               const float* rstd, const float* a, const float* b, bool relu, double* dbias,
-                               double* dscale) {
-  std::vector<float> sb(c), ss(c);
-  for (int64_t b0 = r0; b0 < r1; b0 += kBlockRows) {
+template <bool kResidual, bool kRelu, typename T>
+JAXCNN_INLINE void GradSumRowsT(const T* x, const T* res, const T* dy, int64_t c, int64_t tile, int64_t r0,
+                                int64_t r1, const float* mean, const float* rstd, const float* a, const float* b,
+                                double* dbias, double* dscale) {
+  const int64_t width = tile * c, block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
+  std::vector<float> sb(width), ss(width);
+  std::vector<double> tb(width, 0.0), ts(width, 0.0);
+  for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
     std::fill(sb.begin(), sb.end(), 0.0f);
     std::fill(ss.begin(), ss.end(), 0.0f);
-    const int64_t b1 = std::min(r1, b0 + kBlockRows);
-    for (int64_t r = b0; r < b1; ++r) {
-      const T* xr = x + r * c;
-      const T* gr = dy + r * c;
-      for (int64_t j = 0; j < c; ++j) {
-        const float xv = Load(xr, j);
-        float g = Load(gr, j);
-        if (relu && !(Affine(xv, mean[j], a[j], b[j]) > 0.0f)) g = 0.0f;
-        sb[j] += g;
-        ss[j] += g * ((xv - mean[j]) * rstd[j]);
+    const int64_t b1 = std::min(r1, b0 + block_rows);
+    for (int64_t r = b0; r < b1; r += tile) {
+      const T* xp = x + r * c;
+      const T* rp = res ? res + r * c : nullptr;
+      const T* gp = dy + r * c;
+      const int64_t n = std::min(tile, b1 - r) * c;
+      #pragma GCC ivdep  // the arrays never overlap
+      for (int64_t k = 0; k < n; ++k) {
+        const float xv = Load(xp, k);
+        float g = Load(gp, k);
+        if constexpr (kRelu) g = PreActivation<kResidual>(xp, rp, k, mean, a, b) > 0.0f ? g : 0.0f;
+        sb[k] += g;
+        ss[k] += g * ((xv - mean[k]) * rstd[k]);
       }
     }
-    for (int64_t j = 0; j < c; ++j) {
-      dbias[j] += sb[j];
-      dscale[j] += ss[j];
+    for (int64_t k = 0; k < width; ++k) {
+      tb[k] += sb[k];
+      ts[k] += ss[k];
     }
+  }
+  for (int64_t k = 0; k < width; ++k) {
+    dbias[k % c] += tb[k];
+    dscale[k % c] += ts[k];
   }
 }
 
-template <typename T>
-JAXCNN_INLINE void GradRowsT(const T* x, const T* dy, T* dx, int64_t c, int64_t r0, int64_t r1, const float* mean,
-                            const float* rstd, const float* a, const float* b, const float* k,
-                            const float* mean_dbias, const float* mean_dscale, bool relu) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = x + r * c;
-    const T* gr = dy + r * c;
+// dx of the rows [r0, r1), and dres (the residual's gradient: dy where the ReLU passed it) when dres is given.
+template <bool kResidual, bool kRelu, typename T>
+JAXCNN_INLINE void GradRowsT(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t c, int64_t tile,
+                             int64_t r0, int64_t r1, const float* mean, const float* rstd, const float* a,
+                             const float* b, const float* mean_dbias, const float* mean_dscale) {
+  for (int64_t r = r0; r < r1; r += tile) {
+    const T* xp = x + r * c;
+    const T* rp = res ? res + r * c : nullptr;
+    const T* gp = dy + r * c;
     T* out = dx + r * c;
-    for (int64_t j = 0; j < c; ++j) {
-      const float xv = Load(xr, j);
-      float g = Load(gr, j);
-      if (relu && !(Affine(xv, mean[j], a[j], b[j]) > 0.0f)) g = 0.0f;
-      const float xhat = (xv - mean[j]) * rstd[j];
-      Store(out, j, k[j] * (g - mean_dbias[j] - xhat * mean_dscale[j]));
+    T* dres_p = dres ? dres + r * c : nullptr;
+    const int64_t n = std::min(tile, r1 - r) * c;
+    #pragma GCC ivdep  // the arrays never overlap
+    for (int64_t k = 0; k < n; ++k) {
+      const float xv = Load(xp, k);
+      float g = Load(gp, k);
+      if constexpr (kRelu) g = PreActivation<kResidual>(xp, rp, k, mean, a, b) > 0.0f ? g : 0.0f;
+      const float xhat = (xv - mean[k]) * rstd[k];
+      Store(out, k, a[k] * (g - mean_dbias[k] - xhat * mean_dscale[k]));
+      if constexpr (kResidual) Store(dres_p, k, g);
     }
   }
 }
 
 // The loops above, compiled once per instruction set for each activation type (GCC dispatches when the library
-// loads); the overloads pick the type.
+// loads), each specialised for with / without a residual and a ReLU (so no test is left inside a loop); the
+// overloads pick the type.
+#define JAXCNN_SPECIALISE(KERNEL, ...)              \
+  if (res && relu) {                                \
+    KERNEL<true, true>(__VA_ARGS__);                \
+  } else if (res) {                                 \
+    KERNEL<true, false>(__VA_ARGS__);               \
+  } else if (relu) {                                \
+    KERNEL<false, true>(__VA_ARGS__);               \
+  } else {                                          \
+    KERNEL<false, false>(__VA_ARGS__);              \
+  }
+
 #define JAXCNN_KERNELS(T, SUFFIX)                                                                                  \
-  JAXCNN_CLONES void SumRows##SUFFIX(const T* x, int64_t c, int64_t r0, int64_t r1, const float* shift,           \
-                                     int power, double* acc) {                                                    \
-    SumRowsT(x, c, r0, r1, shift, power, acc);                                                                    \
+  JAXCNN_CLONES void SumRows##SUFFIX(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1,                 \
+                                     const float* shift, int power, double* acc) {                                \
+    SumRowsT(x, c, tile, r0, r1, shift, power, acc);                                                              \
   }                                                                                                               \
-  JAXCNN_CLONES void NormalizeRows##SUFFIX(const T* x, T* y, int64_t c, int64_t r0, int64_t r1, const float* mean, \
-                                           const float* a, const float* b, bool relu) {                           \
-    NormalizeRowsT(x, y, c, r0, r1, mean, a, b, relu);                                                            \
+  JAXCNN_CLONES void NormalizeRows##SUFFIX(const T* x, const T* res, T* y, int64_t c, int64_t tile, int64_t r0,   \
+                                           int64_t r1, const float* mean, const float* a, const float* b,         \
+                                           bool relu) {                                                           \
+    JAXCNN_SPECIALISE(NormalizeRowsT, x, res, y, c, tile, r0, r1, mean, a, b);                                   \
   }                                                                                                               \
-  JAXCNN_CLONES void GradSumRows##SUFFIX(const T* x, const T* dy, int64_t c, int64_t r0, int64_t r1,              \
-                                         const float* mean, const float* rstd, const float* a, const float* b,    \
-                                         bool relu, double* dbias, double* dscale) {                              \
-    GradSumRowsT(x, dy, c, r0, r1, mean, rstd, a, b, relu, dbias, dscale);                                        \
+  JAXCNN_CLONES void GradSumRows##SUFFIX(const T* x, const T* res, const T* dy, int64_t c, int64_t tile,          \
+                                         int64_t r0, int64_t r1, const float* mean, const float* rstd,            \
+                                         const float* a, const float* b, bool relu, double* dbias,                \
+                                         double* dscale) {                                                        \
+    JAXCNN_SPECIALISE(GradSumRowsT, x, res, dy, c, tile, r0, r1, mean, rstd, a, b, dbias, dscale);               \
   }                                                                                                               \
-  JAXCNN_CLONES void GradRows##SUFFIX(const T* x, const T* dy, T* dx, int64_t c, int64_t r0, int64_t r1,          \
-                                      const float* mean, const float* rstd, const float* a, const float* b,       \
-                                      const float* k, const float* mean_dbias, const float* mean_dscale,          \
-                                      bool relu) {                                                                \
-    GradRowsT(x, dy, dx, c, r0, r1, mean, rstd, a, b, k, mean_dbias, mean_dscale, relu);                          \
+  JAXCNN_CLONES void GradRows##SUFFIX(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t c,           \
+                                      int64_t tile, int64_t r0, int64_t r1, const float* mean, const float* rstd, \
+                                      const float* a, const float* b, const float* mean_dbias,                    \
+                                      const float* mean_dscale, bool relu) {                                      \
+    JAXCNN_SPECIALISE(GradRowsT, x, res, dy, dx, dres, c, tile, r0, r1, mean, rstd, a, b, mean_dbias,            \
+                      mean_dscale);                                                                               \
   }                                                                                                               \
-  inline void SumRows(const T* x, int64_t c, int64_t r0, int64_t r1, const float* shift, int power,               \
+  inline void SumRows(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* shift, int power, \
                       double* acc) {                                                                              \
-    SumRows##SUFFIX(x, c, r0, r1, shift, power, acc);                                                             \
+    SumRows##SUFFIX(x, c, tile, r0, r1, shift, power, acc);                                                       \
   }                                                                                                               \
-  inline void NormalizeRows(const T* x, T* y, int64_t c, int64_t r0, int64_t r1, const float* mean,               \
-                            const float* a, const float* b, bool relu) {                                          \
-    NormalizeRows##SUFFIX(x, y, c, r0, r1, mean, a, b, relu);                                                     \
+  inline void NormalizeRows(const T* x, const T* res, T* y, int64_t c, int64_t tile, int64_t r0, int64_t r1,     \
+                            const float* mean, const float* a, const float* b, bool relu) {                       \
+    NormalizeRows##SUFFIX(x, res, y, c, tile, r0, r1, mean, a, b, relu);                                          \
   }                                                                                                               \
-  inline void GradSumRows(const T* x, const T* dy, int64_t c, int64_t r0, int64_t r1, const float* mean,          \
-                          const float* rstd, const float* a, const float* b, bool relu, double* dbias,            \
-                          double* dscale) {                                                                       \
-    GradSumRows##SUFFIX(x, dy, c, r0, r1, mean, rstd, a, b, relu, dbias, dscale);                                 \
+  inline void GradSumRows(const T* x, const T* res, const T* dy, int64_t c, int64_t tile, int64_t r0, int64_t r1, \
+                          const float* mean, const float* rstd, const float* a, const float* b, bool relu,        \
+                          double* dbias, double* dscale) {                                                        \
+    GradSumRows##SUFFIX(x, res, dy, c, tile, r0, r1, mean, rstd, a, b, relu, dbias, dscale);                      \
   }                                                                                                               \
-  inline void GradRows(const T* x, const T* dy, T* dx, int64_t c, int64_t r0, int64_t r1, const float* mean,      \
-                       const float* rstd, const float* a, const float* b, const float* k, const float* mean_dbias, \
-                       const float* mean_dscale, bool relu) {                                                     \
-    GradRows##SUFFIX(x, dy, dx, c, r0, r1, mean, rstd, a, b, k, mean_dbias, mean_dscale, relu);                   \
+  inline void GradRows(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t c, int64_t tile, int64_t r0, \
+                       int64_t r1, const float* mean, const float* rstd, const float* a, const float* b,          \
+                       const float* mean_dbias, const float* mean_dscale, bool relu) {                            \
+    GradRows##SUFFIX(x, res, dy, dx, dres, c, tile, r0, r1, mean, rstd, a, b, mean_dbias, mean_dscale, relu);     \
   }
 
 JAXCNN_KERNELS(float, F32)
@@ -244,39 +303,56 @@ int64_t Rows(ffi::Span<const int64_t> d) {
   return m;
 }
 
+// Rows per tile (see the loops above) and a per-channel array repeated that many times.
+int64_t TileRows(int64_t c) { return std::max<int64_t>(1, kTileValues / c); }
+
+std::vector<float> Tiled(const float* values, int64_t c, int64_t tile) {
+  std::vector<float> out(tile * c);
+  for (int64_t k = 0; k < tile * c; ++k) out[k] = values[k % c];
+  return out;
+}
+
 template <typename T>
-void ForwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const float* scale, const float* bias, T* y,
-                  float* mean, float* var, int64_t m, int64_t c, float epsilon, bool relu) {
+void ForwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const T* res, const float* scale,
+                  const float* bias, T* y, float* mean, float* var, int64_t m, int64_t c, float epsilon, bool relu) {
   const Chunks chunks(m, std::max<int64_t>(1, pool.num_threads()));
+  const int64_t tile = TileRows(c);
   std::vector<double> sum = ChannelSums(pool, threads, chunks, c, [&](int64_t i, double* acc) {
-    SumRows(x, c, chunks.begin(i), chunks.end(i), nullptr, 1, acc);
+    SumRows(x, c, tile, chunks.begin(i), chunks.end(i), nullptr, 1, acc);
   });
   for (int64_t j = 0; j < c; ++j) mean[j] = static_cast<float>(sum[j] / m);
+  const std::vector<float> mean_t = Tiled(mean, c, tile);
   std::vector<double> sq = ChannelSums(pool, threads, chunks, c, [&](int64_t i, double* acc) {
-    SumRows(x, c, chunks.begin(i), chunks.end(i), mean, 2, acc);
+    SumRows(x, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), 2, acc);
   });
   std::vector<float> a(c);
   for (int64_t j = 0; j < c; ++j) {
     var[j] = static_cast<float>(sq[j] / m);
     a[j] = (1.0f / std::sqrt(var[j] + epsilon)) * scale[j];
   }
+  const std::vector<float> a_t = Tiled(a.data(), c, tile), b_t = Tiled(bias, c, tile);
   ForChunks(pool, threads, chunks, [&](int64_t i) {
-    NormalizeRows(x, y, c, chunks.begin(i), chunks.end(i), mean, a.data(), bias, relu);
+    NormalizeRows(x, res, y, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), a_t.data(), b_t.data(),
+                  relu);
   });
 }
 
 template <typename T>
-void BackwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const T* dy, const float* mean,
-                   const float* var, const float* scale, const float* bias, T* dx, float* dscale, float* dbias,
-                   int64_t m, int64_t c, float epsilon, bool relu) {
+void BackwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const T* res, const T* dy, const float* mean,
+                   const float* var, const float* scale, const float* bias, T* dx, T* dres, float* dscale,
+                   float* dbias, int64_t m, int64_t c, float epsilon, bool relu) {
   const Chunks chunks(m, std::max<int64_t>(1, pool.num_threads()));
+  const int64_t tile = TileRows(c);
   std::vector<float> rstd(c), a(c);
   for (int64_t j = 0; j < c; ++j) {
     rstd[j] = 1.0f / std::sqrt(var[j] + epsilon);
     a[j] = rstd[j] * scale[j];
   }
+  const std::vector<float> mean_t = Tiled(mean, c, tile), rstd_t = Tiled(rstd.data(), c, tile);
+  const std::vector<float> a_t = Tiled(a.data(), c, tile), b_t = Tiled(bias, c, tile);
   std::vector<double> sums = ChannelSums(pool, threads, chunks, 2 * c, [&](int64_t i, double* acc) {
-    GradSumRows(x, dy, c, chunks.begin(i), chunks.end(i), mean, rstd.data(), a.data(), bias, relu, acc, acc + c);
+    GradSumRows(x, res, dy, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), rstd_t.data(), a_t.data(),
+                b_t.data(), relu, acc, acc + c);
   });
   std::vector<float> mean_dbias(c), mean_dscale(c);
   for (int64_t j = 0; j < c; ++j) {
@@ -285,9 +361,11 @@ void BackwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const T* 
     mean_dbias[j] = dbias[j] / m;
     mean_dscale[j] = dscale[j] / m;
   }
+  const std::vector<float> mean_dbias_t = Tiled(mean_dbias.data(), c, tile);
+  const std::vector<float> mean_dscale_t = Tiled(mean_dscale.data(), c, tile);
   ForChunks(pool, threads, chunks, [&](int64_t i) {
-    GradRows(x, dy, dx, c, chunks.begin(i), chunks.end(i), mean, rstd.data(), a.data(), bias, a.data(),
-             mean_dbias.data(), mean_dscale.data(), relu);
+    GradRows(x, res, dy, dx, dres, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), rstd_t.data(),
+             a_t.data(), b_t.data(), mean_dbias_t.data(), mean_dscale_t.data(), relu);
   });
 }
 
@@ -303,22 +381,28 @@ ffi::Error CheckTypes(std::initializer_list<ffi::DataType> types) {
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                   ffi::Result<ffi::AnyBuffer> y, ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
-                   float epsilon, int64_t relu, int64_t threads) {
-  if (auto error = CheckTypes({x.element_type(), y->element_type()}); error.failure()) return error;
+// The activation-shaped buffers of one call as typed pointers (null where a buffer is absent).
+template <typename T>
+const T* In(const ffi::AnyBuffer* b) { return b ? static_cast<const T*>(b->untyped_data()) : nullptr; }
+template <typename T>
+T* Out(ffi::Result<ffi::AnyBuffer>* b) { return b ? static_cast<T*>((*b)->untyped_data()) : nullptr; }
+
+ffi::Error ForwardImpl(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::AnyBuffer* res,
+                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var, float epsilon, int64_t relu,
+                       int64_t threads) {
+  const ffi::DataType r_type = res ? res->element_type() : x.element_type();
+  if (auto error = CheckTypes({x.element_type(), y->element_type(), r_type}); error.failure()) return error;
   const auto dims = x.dimensions();
   if (dims.size() < 2) return ffi::Error::InvalidArgument("jaxcnn batch norm: x must be [..., C]");
   const int64_t m = Rows(dims), c = dims[dims.size() - 1];
   try {
     if (x.element_type() == ffi::DataType::BF16) {
-      ForwardTyped(pool, threads, static_cast<const uint16_t*>(x.untyped_data()), scale.typed_data(),
-                   bias.typed_data(), static_cast<uint16_t*>(y->untyped_data()), mean->typed_data(),
-                   var->typed_data(), m, c, epsilon, relu != 0);
+      ForwardTyped(pool, threads, In<uint16_t>(&x), In<uint16_t>(res), scale.typed_data(), bias.typed_data(),
+                   Out<uint16_t>(&y), mean->typed_data(), var->typed_data(), m, c, epsilon, relu != 0);
     } else {
-      ForwardTyped(pool, threads, static_cast<const float*>(x.untyped_data()), scale.typed_data(), bias.typed_data(),
-                   static_cast<float*>(y->untyped_data()), mean->typed_data(), var->typed_data(), m, c, epsilon,
-                   relu != 0);
+      ForwardTyped(pool, threads, In<float>(&x), In<float>(res), scale.typed_data(), bias.typed_data(),
+                   Out<float>(&y), mean->typed_data(), var->typed_data(), m, c, epsilon, relu != 0);
     }
   } catch (const std::exception& err) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxcnn batch norm failed: ") + err.what());
@@ -326,11 +410,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> mean,
-                    ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                    ffi::Result<ffi::AnyBuffer> dx, ffi::ResultBuffer<ffi::F32> dscale,
-                    ffi::ResultBuffer<ffi::F32> dbias, float epsilon, int64_t relu, int64_t threads) {
-  if (auto error = CheckTypes({x.element_type(), dy.element_type(), dx->element_type()}); error.failure()) {
+ffi::Error BackwardImpl(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::AnyBuffer* res,
+                        const ffi::AnyBuffer& dy, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> dx,
+                        ffi::Result<ffi::AnyBuffer>* dres, ffi::ResultBuffer<ffi::F32> dscale,
+                        ffi::ResultBuffer<ffi::F32> dbias, float epsilon, int64_t relu, int64_t threads) {
+  const ffi::DataType r_type = res ? res->element_type() : x.element_type();
+  const ffi::DataType dr_type = dres ? (*dres)->element_type() : x.element_type();
+  if (auto error = CheckTypes({x.element_type(), dy.element_type(), dx->element_type(), r_type, dr_type});
+      error.failure()) {
     return error;
   }
   const auto dims = x.dimensions();
@@ -338,14 +426,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, f
   const int64_t m = Rows(dims), c = dims[dims.size() - 1];
   try {
     if (x.element_type() == ffi::DataType::BF16) {
-      BackwardTyped(pool, threads, static_cast<const uint16_t*>(x.untyped_data()),
-                    static_cast<const uint16_t*>(dy.untyped_data()), mean.typed_data(), var.typed_data(),
-                    scale.typed_data(), bias.typed_data(), static_cast<uint16_t*>(dx->untyped_data()),
+      BackwardTyped(pool, threads, In<uint16_t>(&x), In<uint16_t>(res), In<uint16_t>(&dy), mean.typed_data(),
+                    var.typed_data(), scale.typed_data(), bias.typed_data(), Out<uint16_t>(&dx), Out<uint16_t>(dres),
                     dscale->typed_data(), dbias->typed_data(), m, c, epsilon, relu != 0);
     } else {
-      BackwardTyped(pool, threads, static_cast<const float*>(x.untyped_data()),
-                    static_cast<const float*>(dy.untyped_data()), mean.typed_data(), var.typed_data(),
-                    scale.typed_data(), bias.typed_data(), static_cast<float*>(dx->untyped_data()),
+      BackwardTyped(pool, threads, In<float>(&x), In<float>(res), In<float>(&dy), mean.typed_data(),
+                    var.typed_data(), scale.typed_data(), bias.typed_data(), Out<float>(&dx), Out<float>(dres),
                     dscale->typed_data(), dbias->typed_data(), m, c, epsilon, relu != 0);
     }
   } catch (const std::exception& err) {
@@ -354,33 +440,89 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, f
   return ffi::Error::Success();
 }
 
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                   ffi::Result<ffi::AnyBuffer> y, ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
+                   float epsilon, int64_t relu, int64_t threads) {
+  return ForwardImpl(pool, x, nullptr, scale, bias, y, mean, var, epsilon, relu, threads);
+}
+
+ffi::Error ForwardAdd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::F32> bias, ffi::AnyBuffer res, ffi::Result<ffi::AnyBuffer> y,
+                      ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var, float epsilon, int64_t relu,
+                      int64_t threads) {
+  return ForwardImpl(pool, x, &res, scale, bias, y, mean, var, epsilon, relu, threads);
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> mean,
+                    ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                    ffi::Result<ffi::AnyBuffer> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                    ffi::ResultBuffer<ffi::F32> dbias, float epsilon, int64_t relu, int64_t threads) {
+  return BackwardImpl(pool, x, nullptr, dy, mean, var, scale, bias, dx, nullptr, dscale, dbias, epsilon, relu,
+                      threads);
+}
+
+ffi::Error BackwardAdd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> mean,
+                       ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                       ffi::AnyBuffer res, ffi::Result<ffi::AnyBuffer> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                       ffi::ResultBuffer<ffi::F32> dbias, ffi::Result<ffi::AnyBuffer> dres, float epsilon,
+                       int64_t relu, int64_t threads) {
+  return BackwardImpl(pool, x, &res, dy, mean, var, scale, bias, dx, &dres, dscale, dbias, epsilon, relu, threads);
+}
+
 }  // namespace
+
+#define JAXCNN_NORM_ATTRS .Attr<float>("epsilon").Attr<int64_t>("relu").Attr<int64_t>("threads")
+#define JAXCNN_F32 ffi::Buffer<ffi::F32>
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnNormFwd, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<int64_t>("relu")
-                                  .Attr<int64_t>("threads"));
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<JAXCNN_F32>()      // scale
+                                  .Arg<JAXCNN_F32>()      // bias
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Ret<JAXCNN_F32>()      // mean
+                                  .Ret<JAXCNN_F32>()      // var
+                                      JAXCNN_NORM_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnNormAddFwd, ForwardAdd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<JAXCNN_F32>()      // scale
+                                  .Arg<JAXCNN_F32>()      // bias
+                                  .Arg<ffi::AnyBuffer>()  // residual
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Ret<JAXCNN_F32>()      // mean
+                                  .Ret<JAXCNN_F32>()      // var
+                                      JAXCNN_NORM_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnNormBwd, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<int64_t>("relu")
-                                  .Attr<int64_t>("threads"));
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Arg<JAXCNN_F32>()      // mean
+                                  .Arg<JAXCNN_F32>()      // var
+                                  .Arg<JAXCNN_F32>()      // scale
+                                  .Arg<JAXCNN_F32>()      // bias
+                                  .Ret<ffi::AnyBuffer>()  // dx
+                                  .Ret<JAXCNN_F32>()      // dscale
+                                  .Ret<JAXCNN_F32>()      // dbias
+                                      JAXCNN_NORM_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnNormAddBwd, BackwardAdd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Arg<JAXCNN_F32>()      // mean
+                                  .Arg<JAXCNN_F32>()      // var
+                                  .Arg<JAXCNN_F32>()      // scale
+                                  .Arg<JAXCNN_F32>()      // bias
+                                  .Arg<ffi::AnyBuffer>()  // residual
+                                  .Ret<ffi::AnyBuffer>()  // dx
+                                  .Ret<JAXCNN_F32>()      // dscale
+                                  .Ret<JAXCNN_F32>()      // dbias
+                                  .Ret<ffi::AnyBuffer>()  // dresidual
+                                      JAXCNN_NORM_ATTRS);
