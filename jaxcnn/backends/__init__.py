@@ -155,14 +155,14 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: floa
 
     With `axis_name` (a pmap / shard_map axis) x is this device's slice of the batch and the statistics are the
     whole batch's: the same closed form in JAX with its per-channel sums all-reduced (``lax.psum``) over the axis
-    (oneDNN's kernel computes its statistics inside itself and cannot take global ones).
+    (the native kernel computes its statistics inside itself, over this device's slice only).
     """
     if axis_name is not None:
         y, mean, var = _norm.batch_norm_train_synced(x, scale, bias, epsilon, axis_name)
         if residual is not None:
             y = y + residual.astype(jnp.float32)
         return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
-    return _norm.batch_norm_act_train(x, scale, bias, epsilon, relu, use_onednn=not pool_follows, dtype=dtype,
+    return _norm.batch_norm_act_train(x, scale, bias, epsilon, relu, use_native=not pool_follows, dtype=dtype,
                                       residual=residual)
 
 

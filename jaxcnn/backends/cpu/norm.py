@@ -289,19 +289,19 @@ batch_norm_train_synced.defvjp(_synced_fwd, _synced_bwd, symbolic_zeros=True)
 
 
 def batch_norm_act_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool,
-                         use_onednn: bool = True, dtype=jnp.float32, residual: jax.Array | None = None):
+                         use_native: bool = True, dtype=jnp.float32, residual: jax.Array | None = None):
     """`batch_norm_train`, plus `residual` (when given), then ``jax.nn.relu`` when `relu`, then y cast to `dtype`:
     ``(y, mean, var)`` as that composition gives.
 
-    On the CPU backend, with `use_onednn`, for float32 operands, or a bfloat16 x (float32 scale and bias) with
+    On the CPU backend, with `use_native`, for float32 operands, or a bfloat16 x (float32 scale and bias) with
     ``dtype=bfloat16``, both passes (the residual's add, the ReLU and its mask in the backward pass included) run
     in jaxcnn's native kernels (`jaxcnn.backends.cpu.kernels.norm_forward`), split over XLA's thread pool; a
-    residual must then have x's shape and dtype. Elsewhere, and with ``use_onednn=False`` (for a layer a pool
+    residual must then have x's shape and dtype. Elsewhere, and with ``use_native=False`` (for a layer a pool
     follows: XLA fuses the normalisation, the ReLU and the pool, which beat a separate kernel and pool), this is
     the composition itself.
     """
     geometry = None
-    if use_onednn and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)):
+    if use_native and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)):
         geometry = kernels.norm_usable(x.shape, (x.dtype, scale.dtype, bias.dtype), relu=relu, epsilon=epsilon,
                                        bfloat16_output=np.dtype(dtype) == jnp.bfloat16)
     if geometry is not None:
