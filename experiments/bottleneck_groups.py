@@ -10,16 +10,21 @@ Question:  a bottleneck block (1x1 reduce, 3x3, 1x1 expand) lets a network carry
            - bottleneck: 1x1-3x3-1x1 with 8/16/32 inner and 32/64/128 outer channels, projection shortcuts;
            - bottleneck-g4: its 3x3 convs grouped 4 ways at twice the inner width (16/32/64: ResNeXt's trade).
            The table's parameter and FLOP columns say what each costs.
-Runtime:   about 3-5 min on an idle 2-core CPU (8 runs; 379 s of CPU time measured; 5.6 min wall on a busy one).
-Expected:  measured 2026-11-26 with jax 0.10.2 on a 2-core x86 CPU (docs/results/bottleneck_groups.md; 2,000
-           training images, 4 epochs of batch 32, 5,000 test images, mean ± sample std of 2 seeds): basic 77.16 ±
-           0.08% (75,002 parameters, 18.3 MFLOPs per image), basic-g4 74.20 ± 0.20% (19,706, 4.7 M), bottleneck
-           74.07 ± 0.69% (33,498, 8.4 M), bottleneck-g4 74.47 ± 0.61% (41,786, 11.4 M). The cheaper blocks give up
-           about 3 points at a quarter to a half of the cost. FLOPs are not time here: on XLA:CPU the grouped
-           variants trained at a third of the basic block's images/s despite 1.6-3.9x fewer FLOPs (rough figures,
-           busy machine).
-Full size: --set data.train_limit=none --set data.test_limit=none --set train.eval_every_epochs=1
-           --set train.epochs=20.
+Runtime:   9 min 19 s wall for the 20 runs (970 s of CPU time), measured 2026-12-07 on an otherwise idle 2-core
+           Intel Xeon (AVX-512, AMX).
+Expected:  measured 2026-12-07 with jax 0.10.2 on a 2-core Intel Xeon (AVX-512, AMX)
+           (docs/results/bottleneck_groups.md; the first 10,000 training images, batch 128, lr 0.1, 6 epochs, all
+           10,000 test images, mean ± sample std of 5 seeds; Δ: difference to basic with its 95% Welch interval):
+           basic 86.72 ± 0.17% (75,002 parameters, 18.3 MFLOPs per image), basic-g4 84.31 ± 0.77% (19,706, 4.7 M;
+           Δ -2.40 [-3.35, -1.45]), bottleneck 84.79 ± 0.34% (33,498, 8.4 M; -1.92 [-2.34, -1.50]), bottleneck-g4
+           84.61 ± 0.41% (41,786, 11.4 M; -2.10 [-2.61, -1.60]). The cheaper blocks give up about 2 points at a
+           quarter to three fifths of the FLOPs, and are within the noise of each other. FLOPs are not time on
+           XLA:CPU: basic-g4 trained 1.5x as many images/s as basic (3.9x fewer FLOPs), bottleneck and
+           bottleneck-g4 only 0.77x and 0.52x (2.2x and 1.6x fewer FLOPs).
+Full size: --set data.train_limit=none (all 60,000 training images). Not the default: the four ResNet experiments
+           share this setting; on all 60,000 images one half-width ResNet-20 run takes about 5 min and one
+           ResNet-56 run about 14 min on this 2-core CPU, so 5 seeds of 4 variants would take hours (the networks
+           here are smaller, and this sweep would take roughly six times its measured time, about 56 min).
 CIFAR-10:  add --set data.name=cifar10 (with the data in place; not measured here).
 """
 
