@@ -38,6 +38,7 @@
 #include <string>
 #include <vector>
 
+#include "bfloat16.h"
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -55,22 +56,8 @@ namespace {
 constexpr int64_t kBlockRows = 64;   // rows summed in float32 before a double add
 constexpr int64_t kTileValues = 256;  // values per tile of whole rows (see SumRowsT)
 
-JAXCNN_INLINE float Widen(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-// float32 -> bfloat16, rounded to nearest even (NaN kept a NaN), as XLA converts.
-// Written without branches, so that loops storing bfloat16 vectorise.
-JAXCNN_INLINE uint16_t Narrow(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  const uint32_t quiet_nan = (bits >> 16) | 0x40u;
-  return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
-}
+using jaxcnn::Narrow;
+using jaxcnn::Widen;
 
 inline float Load(const float* p, int64_t i) { return p[i]; }
 inline float Load(const uint16_t* p, int64_t i) { return Widen(p[i]); }

@@ -44,6 +44,7 @@
 #include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "bfloat16.h"
 #include "onednn_common.h"
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
@@ -225,15 +226,6 @@ int64_t Slices(const Geometry& g, ffi::ThreadPool& pool) {
   return t > 1 && g.n % t == 0 ? t : 1;
 }
 
-// float32 -> bfloat16, rounded to nearest even (NaN kept a NaN), as XLA converts.
-uint16_t ToBfloat16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, Op op, void* x, void* w, void* y) {
   try {
     const int64_t slices = Slices(g, pool);
@@ -268,7 +260,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, Op op, void* x, void* w
     }
     if (!dw_f32.empty()) {
       uint16_t* out = static_cast<uint16_t*>(w);
-      for (int64_t j = 0; j < w_size; ++j) out[j] = ToBfloat16(dw_f32[j]);
+      for (int64_t j = 0; j < w_size; ++j) out[j] = jaxcnn::Narrow(dw_f32[j]);
     }
   } catch (const std::exception& err) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxcnn oneDNN convolution failed: ") + err.what());
