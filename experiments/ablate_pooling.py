@@ -4,8 +4,8 @@ Command:   python -m jaxcnn sweep experiments/ablate_pooling.py --workdir runs/a
 Question:  how much does the choice of downsampling matter? The same LeNet-5 with 2x2 max, average or L2 pooling,
            or with no pooling at all and stride-2 convolutions instead (the same output shapes; the learned
            downsampling of all-convolutional nets, Springenberg et al. 2015).
-Runtime:   10 min 20 s wall for the 20 runs (815 s of CPU time), measured 2026-12-07 on a 2-core Intel Xeon
-           (AVX-512, AMX) that other work shared at times.
+Runtime:   8 min 42 s wall for the 20 runs (901 s of CPU time; 13-33 s per run), measured 2026-12-07 on an idle
+           2-core Intel Xeon (AVX-512, AMX).
 Expected:  measured 2026-12-07 with jax 0.10.2 on a 2-core Intel Xeon (AVX-512, AMX) (docs/results/ablate_pooling.md;
            all 60,000 training images, 12 epochs, mean ± sample std of 5 seeds; Δ: difference to max pooling with
            its 95% Welch interval): max 91.41 ± 0.09%, average 91.61 ± 0.10% (Δ +0.20 [+0.07, +0.34]), L2 91.50 ±
