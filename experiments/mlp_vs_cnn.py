@@ -5,8 +5,8 @@ Question:  is a CNN better than a fully connected network because it has more pa
            structure (local receptive fields, weight sharing, pooling)? LeNet-5 (61,706 parameters) against an
            MLP with the same number of parameters (one hidden layer of 78 units: 62,020) and against MLPs 4x
            and 30x larger (LeCun et al.'s 300-100: 266,610; 1000-1000: 1,796,010).
-Runtime:   8 min 08 s wall for the 20 runs (528 s of CPU time), measured 2026-12-07 on a 2-core Intel Xeon
-           (AVX-512, AMX) that other work shared at times.
+Runtime:   5 min 40 s wall for the 20 runs (595 s of CPU time; 5-32 s per run), measured 2026-12-07 on an idle
+           2-core Intel Xeon (AVX-512, AMX).
 Expected:  measured 2026-12-07 with jax 0.10.2 on a 2-core Intel Xeon (AVX-512, AMX) (docs/results/mlp_vs_cnn.md; all
            60,000 training images, 10 epochs, mean ± sample std of 5 seeds; Δ: difference to LeNet-5 with its 95%
            Welch interval): LeNet-5 99.20 ± 0.06%; the MLP with the same parameters 98.08 ± 0.06% (Δ -1.12 [-1.21,
