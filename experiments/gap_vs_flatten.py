@@ -6,8 +6,8 @@ Question:  the head of LeNet-5 flattens its 16x5x5 feature maps into fc120-fc84 
            fewer parameters, and no dependence on where in the image a feature was seen. What does it cost?
            Variants: flatten (the default), GAP followed by the same fc120-fc84, and GAP straight to the logits;
            then flatten and GAP-to-logits again with 64 channels in the last conv instead of 16.
-Runtime:   21 min 56 s wall for the 25 runs (1,498 s of CPU time), measured 2026-12-07 on a 2-core Intel Xeon
-           (AVX-512, AMX) that other work shared at times.
+Runtime:   15 min 22 s wall for the 25 runs (1,642 s of CPU time; 26-51 s per run), measured 2026-12-07 on an
+           idle 2-core Intel Xeon (AVX-512, AMX).
 Expected:  measured 2026-12-07 with jax 0.10.2 on a 2-core Intel Xeon (AVX-512, AMX) (docs/results/gap_vs_flatten.md;
            all 60,000 training images, 12 epochs, mean ± sample std of 5 seeds; Δ: difference to flatten-fc120-fc84
            with its 95% Welch interval): flatten-fc120-fc84 91.41 ± 0.09% (61,706 parameters); GAP-fc120-fc84
