@@ -21,10 +21,11 @@ Expected:  measured 2026-12-07 with jax 0.10.2 on a 2-core Intel Xeon (AVX-512, 
            quarter to three fifths of the FLOPs, and are within the noise of each other. FLOPs are not time on
            XLA:CPU: basic-g4 trained 1.5x as many images/s as basic (3.9x fewer FLOPs), bottleneck and
            bottleneck-g4 only 0.77x and 0.52x (2.2x and 1.6x fewer FLOPs).
-Full size: --set data.train_limit=none (all 60,000 training images). Not the default: the four ResNet experiments
-           share this setting; on all 60,000 images one half-width ResNet-20 run takes about 5 min and one
-           ResNet-56 run about 14 min on this 2-core CPU, so 5 seeds of 4 variants would take hours (the networks
-           here are smaller, and this sweep would take roughly six times its measured time, about 56 min).
+Full size: --set data.train_limit=none (all 60,000 training images). Not the default: the four ResNet experiments share
+           this setting; on all 60,000 images one half-width ResNet-20 run takes about 2.5 min and one ResNet-56 run
+           about 7 min on this idle 2-core CPU (6 epochs at 2,560 and 875 images/s), so 5 seeds of 4 variants would take
+           about 1.5 hours (the networks here are smaller, and this sweep would take roughly six times its measured
+           time, about 56 min).
 CIFAR-10:  add --set data.name=cifar10 (with the data in place; not measured here).
 """
 

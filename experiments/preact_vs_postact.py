@@ -13,12 +13,12 @@ Expected:  measured 2026-12-07 with jax 0.10.2 on a 2-core Intel Xeon (AVX-512, 
            10,000 test images, mean ± sample std of 5 seeds): post-activation 87.14 ± 0.39%, pre-activation 87.17 ±
            0.54% (Δ +0.03 [-0.67, +0.73], 95% Welch interval): no difference beyond the seed noise at 20 layers
            and this budget. The paper's gains are for deep networks (110 to 1001 layers) trained to convergence.
-Full size: --set data.train_limit=none (all 60,000 training images); for the paper's setting also
-           --set train.epochs=30 --set model.name=resnet110 --set model.width=1.0 --set model.stem_width=16
-           (He et al. 2016 report CIFAR-10 error 6.61% post-activation vs 6.37% pre-activation for ResNet-110, and
-           a larger gap at 1001 layers; literature). Not the default: on all 60,000 images one half-width
-           ResNet-20 run takes about 5 min and one ResNet-56 run about 14 min on this 2-core CPU, so these 10 runs
-           would take about 50 min and the suite's four ResNet sweeps (5 seeds of up to 5 variants) hours.
+Full size: --set data.train_limit=none (all 60,000 training images); for the paper's setting also --set train.epochs=30
+           --set model.name=resnet110 --set model.width=1.0 --set model.stem_width=16 (He et al. 2016 report CIFAR-10
+           error 6.61% post-activation vs 6.37% pre-activation for ResNet-110, and a larger gap at 1001 layers;
+           literature). Not the default: on all 60,000 images one half-width ResNet-20 run takes about 2.5 min and one
+           ResNet-56 run about 7 min on this idle 2-core CPU (6 epochs at 2,560 and 875 images/s), so these 10 runs
+           would take about 25 min and the suite's four ResNet sweeps (5 seeds of up to 5 variants) hours.
 CIFAR-10:  add --set data.name=cifar10 (with the data in place; not measured here).
 """
 
