@@ -10,8 +10,8 @@ Question:  does BatchNorm make a network train faster, and does it widen the ran
            touch, at lr 0.5 both BatchNorm runs collapsed to chance (10%) and the plain ones reached 44% (lr 0.1:
            85.0 vs 85.2%; measured 2026-11-26 at 10,000 training images, 3 epochs, 2 seeds;
            docs/results/ablate_batchnorm.md): the un-normalised head, not the convs, sets the usable rate.
-Runtime:   11 min 15 s wall for the 40 runs (1,109 s of CPU time), measured 2026-12-07 on a 2-core Intel Xeon
-           (AVX-512, AMX) that other work shared at times.
+Runtime:   10 min 50 s wall for the 40 runs (1,154 s of CPU time; 15-17 s per run), measured 2026-12-07 on an
+           idle 2-core Intel Xeon (AVX-512, AMX).
 Expected:  measured 2026-12-07 with jax 0.10.2 on a 2-core Intel Xeon (AVX-512, AMX)
            (docs/results/ablate_batchnorm.md; all 60,000 training images, 8 epochs, mean ± sample std of 5 seeds),
            test accuracy with / without BatchNorm: lr 0.02: 89.44 ± 0.28 / 89.54 ± 0.34%; lr 0.1: 90.28 ± 0.21 /
