@@ -145,7 +145,7 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: floa
                residual: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode batch normalisation of x ``[..., C]`` over every axis but the last, plus `residual` (x's
     shape) when given, then ``jax.nn.relu`` when `relu`: ``(y [..., C] in dtype, mean [C], var [C])`` with the
-    batch mean and biased (two-pass) variance, float32.
+    batch mean and biased variance, float32.
 
     ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``, as flax's BatchNorm computes it. The gradient is the
     closed form (two per-channel sums, one elementwise pass). On the CPU, float32 runs jaxcnn's native kernel (the

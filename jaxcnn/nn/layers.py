@@ -200,7 +200,7 @@ def _scale_and_shift(module: nn.Module, y: jax.Array, x: jax.Array) -> jax.Array
 class BatchNorm(nn.Module):
     """Batch normalisation (Ioffe & Szegedy, 2015) per channel over ``(N, H, W)``, x: ``[N, ..., C]``.
 
-    In training (``use_running_average=False``) the layer normalises with the batch's mean and (biased, two-pass)
+    In training (``use_running_average=False``) the layer normalises with the batch's mean and biased
     variance and moves the running statistics: ``running = momentum * running + (1 - momentum) * batch``
     (PyTorch's momentum 0.1 is 0.9 here); in evaluation it normalises with the running statistics. Then
     ``y * scale + bias`` per channel. Fields and variables mean what they mean for flax's ``nn.BatchNorm``
@@ -370,8 +370,9 @@ def make_norm(
       pmap/shard_map axis (synced BatchNorm: the same closed form, its per-channel sums all-reduced); under plain
       ``jax.jit`` with a sharded batch leave it None: the mean is already global. With
       ``virtual_batch_size``, `GhostBatchNorm`. Statistics are float32 even when ``dtype`` is bfloat16 (flax's
-      ``force_float32_reductions``). The variance is the two-pass ``mean((x - mean)**2)``: flax's default
-      ``mean(x**2) - mean**2`` loses most digits in float32 when ``|mean| >> std`` (12% off for mean 300, std 2).
+      ``force_float32_reductions``). The variance is ``mean((x - mean)**2)`` to float32 precision (XLA: two
+      passes; the CPU kernel: one pass about a shift near the mean): flax's default ``mean(x**2) - mean**2`` loses
+      most digits in float32 when ``|mean| >> std`` (12% off for mean 300, std 2).
     - ``'group'``: `GroupNorm` with at most ``num_groups`` groups. ``'layer'``: `LayerNorm` (one group).
     - ``'none'``: the identity (no parameters).
 

@@ -218,6 +218,25 @@ def test_onednn_path_against_numpy(shape, relu):
         np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=2e-4, atol=2e-4)
 
 
+@needs_onednn
+def test_native_statistics_where_the_mean_dwarfs_the_spread():
+    """The kernel's one-pass moments (about a shift near the mean) against float64 where mean(x**2) - mean**2
+    without a shift loses most float32 digits (mean 300, std 2: 12% off), a constant channel (variance 0) and a
+    channel whose mean drifts along the batch (the shift is the mean of rows spread over x, not the first rows)."""
+    rng = np.random.default_rng(7)
+    n, c = 64 * 9 * 9, 3
+    x = np.empty((n, c))
+    x[:, 0] = 300.0 + 2.0 * rng.standard_normal(n)
+    x[:, 1] = -41.5
+    x[:, 2] = np.linspace(-500.0, 500.0, n) + rng.standard_normal(n)
+    x = jnp.asarray(x.reshape(64, 9, 9, c), jnp.float32)
+    _, mean, var = jax.jit(lambda x: fast_norm.batch_norm_act_train(x, jnp.ones(c), jnp.zeros(c), 1e-5, False))(x)
+    xs = np.asarray(x, np.float64).reshape(-1, c)
+    spread = xs.std(0) + np.abs(xs.mean(0))  # the float32 sums' own rounding scales with it
+    np.testing.assert_array_less(np.abs(np.asarray(mean, np.float64) - xs.mean(0)), 1e-6 * spread + 1e-12)
+    np.testing.assert_allclose(np.asarray(var, np.float64), xs.var(0), rtol=1e-5, atol=1e-9)
+
+
 def bf16_ulps(a, b):
     """|a - b| in units of b's bfloat16 spacing (8 significant bits; values below 1e-3 count from 1e-3)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -16,9 +16,12 @@
 // "threads" (int64: 0 = XLA's thread pool, anything else = the calling thread only, as when XLA runs several CPU
 // devices in one process; see onednn_conv.cc).
 //
-// The mathematics are flax's BatchNorm's and jaxcnn's closed-form gradient (jaxcnn/backends/cpu/norm.py), all in
-// float32: mean = sum(x) / M, var = sum((x - mean)^2) / M (two passes), and backward, with xhat = (x - mean) * rstd
-// and dy zeroed where the ReLU's input was not positive,
+// The mathematics are flax's BatchNorm's and jaxcnn's closed-form gradient (jaxcnn/backends/cpu/norm.py) in
+// float32. Statistics in one pass over x: with d = x - shift (per channel, the mean of 64 rows spread over x), the
+// pass sums d and d^2, then mean = shift + sum(d) / M and var = sum(d^2) / M - (sum(d) / M)^2 (biased); the shift,
+// close to the mean, keeps the cancellation to a few bits where |mean| >> std (flax's unshifted mean(x^2) - mean^2
+// loses most digits there). Backward, with xhat = (x - mean) * rstd and dy zeroed where the ReLU's input was not
+// positive,
 //   dbias = sum(dy),  dscale = sum(dy * xhat),  dx = scale * rstd * (dy - dbias / M - xhat * dscale / M).
 // The backward pass recomputes the ReLU's mask from x (and r) with the forward's own expression (`Affine`, the same
 // code in both), so it is the forward's mask bit for bit and no mask is stored. bfloat16 values are widened exactly and
@@ -54,7 +57,8 @@ namespace {
 #define JAXCNN_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kBlockRows = 64;   // rows summed in float32 before a double add
-constexpr int64_t kTileValues = 256;  // values per tile of whole rows (see SumRowsT)
+constexpr int64_t kTileValues = 256;  // values per tile of whole rows (see MomentRowsT)
+constexpr int64_t kShiftRows = 64;    // rows whose mean shifts the one-pass moments (see ShiftNearMean)
 
 using jaxcnn::Narrow;
 using jaxcnn::Widen;
@@ -72,33 +76,54 @@ JAXCNN_INLINE float Affine(float x, float mean, float a, float b) { return (x - 
 // vectorised loop instead of a 16-value loop per row. Sums are kept per tile position and folded to C channels in
 // a fixed order.
 
-// acc[c] += sum over rows [r0, r1) of (x[r, c] - shift[c])^power (power 1 or 2; shift: tiled, null for power 1).
+// Two sums per tile position: in float32 over a block of rows (b1, b2), in double over the blocks (t1, t2), then
+// folded to the c channels.
+struct TwoSums {
+  std::vector<float> b1, b2;
+  std::vector<double> t1, t2;
+  explicit TwoSums(int64_t width) : b1(width), b2(width), t1(width, 0.0), t2(width, 0.0) {}
+  void StartBlock() {
+    std::fill(b1.begin(), b1.end(), 0.0f);
+    std::fill(b2.begin(), b2.end(), 0.0f);
+  }
+  void EndBlock() {
+    for (size_t k = 0; k < b1.size(); ++k) {
+      t1[k] += b1[k];
+      t2[k] += b2[k];
+    }
+  }
+  void Fold(int64_t c, double* out1, double* out2) const {
+    for (size_t k = 0; k < t1.size(); ++k) {
+      out1[k % c] += t1[k];
+      out2[k % c] += t2[k];
+    }
+  }
+};
+
+// s1[c] += sum over rows [r0, r1) of d, s2[c] += sum of d^2, with d = x[r, c] - shift[c] (shift: tiled).
 template <typename T>
-JAXCNN_INLINE void SumRowsT(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* shift,
-                            int power, double* acc) {
-  const int64_t width = tile * c, block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
-  std::vector<float> block(width);
-  std::vector<double> total(width, 0.0);
-  for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
-    std::fill(block.begin(), block.end(), 0.0f);
-    const int64_t b1 = std::min(r1, b0 + block_rows);
-    for (int64_t r = b0; r < b1; r += tile) {
+JAXCNN_INLINE void MomentRowsT(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* shift,
+                               double* s1, double* s2) {
+  const int64_t block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
+  TwoSums sums(tile * c);
+  float* b1 = sums.b1.data();
+  float* b2 = sums.b2.data();
+  for (int64_t r0b = r0; r0b < r1; r0b += block_rows) {
+    sums.StartBlock();
+    const int64_t r1b = std::min(r1, r0b + block_rows);
+    for (int64_t r = r0b; r < r1b; r += tile) {
       const T* p = x + r * c;
-      const int64_t n = std::min(tile, b1 - r) * c;
-      if (power == 1) {
-        #pragma GCC ivdep  // the arrays never overlap
-        for (int64_t k = 0; k < n; ++k) block[k] += Load(p, k);
-      } else {
-        #pragma GCC ivdep  // the arrays never overlap
-        for (int64_t k = 0; k < n; ++k) {
-          const float d = Load(p, k) - shift[k];
-          block[k] += d * d;
-        }
+      const int64_t n = std::min(tile, r1b - r) * c;
+      #pragma GCC ivdep  // the arrays never overlap
+      for (int64_t k = 0; k < n; ++k) {
+        const float d = Load(p, k) - shift[k];
+        b1[k] += d;
+        b2[k] += d * d;
       }
     }
-    for (int64_t k = 0; k < width; ++k) total[k] += block[k];
+    sums.EndBlock();
   }
-  for (int64_t k = 0; k < width; ++k) acc[k % c] += total[k];
+  sums.Fold(c, s1, s2);
 }
 
 // The value before the ReLU at flat index k of a tile: Affine(x), plus the residual's value (kResidual).
@@ -132,12 +157,12 @@ template <bool kResidual, bool kRelu, typename T>
 JAXCNN_INLINE void GradSumRowsT(const T* x, const T* res, const T* dy, int64_t c, int64_t tile, int64_t r0,
                                 int64_t r1, const float* mean, const float* rstd, const float* a, const float* b,
                                 double* dbias, double* dscale) {
-  const int64_t width = tile * c, block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
-  std::vector<float> sb(width), ss(width);
-  std::vector<double> tb(width, 0.0), ts(width, 0.0);
+  const int64_t block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
+  TwoSums sums(tile * c);
+  float* sb = sums.b1.data();
+  float* ss = sums.b2.data();
   for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
-    std::fill(sb.begin(), sb.end(), 0.0f);
-    std::fill(ss.begin(), ss.end(), 0.0f);
+    sums.StartBlock();
     const int64_t b1 = std::min(r1, b0 + block_rows);
     for (int64_t r = b0; r < b1; r += tile) {
       const T* xp = x + r * c;
@@ -153,15 +178,9 @@ JAXCNN_INLINE void GradSumRowsT(const T* x, const T* res, const T* dy, int64_t c
         ss[k] += g * ((xv - mean[k]) * rstd[k]);
       }
     }
-    for (int64_t k = 0; k < width; ++k) {
-      tb[k] += sb[k];
-      ts[k] += ss[k];
-    }
+    sums.EndBlock();
   }
-  for (int64_t k = 0; k < width; ++k) {
-    dbias[k % c] += tb[k];
-    dscale[k % c] += ts[k];
-  }
+  sums.Fold(c, dbias, dscale);
 }
 
 // dx of the rows [r0, r1), and dres (the residual's gradient: dy where the ReLU passed it) when dres is given.
@@ -203,9 +222,9 @@ JAXCNN_INLINE void GradRowsT(const T* x, const T* res, const T* dy, T* dx, T* dr
   }
 
 #define JAXCNN_KERNELS(T, SUFFIX)                                                                                  \
-  JAXCNN_CLONES void SumRows##SUFFIX(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1,                 \
-                                     const float* shift, int power, double* acc) {                                \
-    SumRowsT(x, c, tile, r0, r1, shift, power, acc);                                                              \
+  JAXCNN_CLONES void MomentRows##SUFFIX(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1,              \
+                                        const float* shift, double* s1, double* s2) {                             \
+    MomentRowsT(x, c, tile, r0, r1, shift, s1, s2);                                                               \
   }                                                                                                               \
   JAXCNN_CLONES void NormalizeRows##SUFFIX(const T* x, const T* res, T* y, int64_t c, int64_t tile, int64_t r0,   \
                                            int64_t r1, const float* mean, const float* a, const float* b,         \
@@ -225,9 +244,9 @@ JAXCNN_INLINE void GradRowsT(const T* x, const T* res, const T* dy, T* dx, T* dr
     JAXCNN_SPECIALISE(GradRowsT, x, res, dy, dx, dres, c, tile, r0, r1, mean, rstd, a, b, mean_dbias,            \
                       mean_dscale);                                                                               \
   }                                                                                                               \
-  inline void SumRows(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* shift, int power, \
-                      double* acc) {                                                                              \
-    SumRows##SUFFIX(x, c, tile, r0, r1, shift, power, acc);                                                       \
+  inline void MomentRows(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* shift,       \
+                         double* s1, double* s2) {                                                                \
+    MomentRows##SUFFIX(x, c, tile, r0, r1, shift, s1, s2);                                                        \
   }                                                                                                               \
   inline void NormalizeRows(const T* x, const T* res, T* y, int64_t c, int64_t tile, int64_t r0, int64_t r1,     \
                             const float* mean, const float* a, const float* b, bool relu) {                       \
@@ -299,22 +318,42 @@ std::vector<float> Tiled(const float* values, int64_t c, int64_t tile) {
   return out;
 }
 
+// Per channel, the mean of up to kShiftRows rows spread evenly over x [m, c] (a shift for the one-pass moments).
+template <typename T>
+std::vector<float> ShiftNearMean(const T* x, int64_t m, int64_t c) {
+  const int64_t rows = std::min(m, kShiftRows);
+  std::vector<double> sum(c, 0.0);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* p = x + (i * m / rows) * c;
+    for (int64_t j = 0; j < c; ++j) sum[j] += Load(p, j);
+  }
+  std::vector<float> shift(c);
+  for (int64_t j = 0; j < c; ++j) shift[j] = static_cast<float>(sum[j] / rows);
+  return shift;
+}
+
 template <typename T>
 void ForwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const T* res, const float* scale,
                   const float* bias, T* y, float* mean, float* var, int64_t m, int64_t c, float epsilon, bool relu) {
   const Chunks chunks(m, std::max<int64_t>(1, pool.num_threads()));
   const int64_t tile = TileRows(c);
-  std::vector<double> sum = ChannelSums(pool, threads, chunks, c, [&](int64_t i, double* acc) {
-    SumRows(x, c, tile, chunks.begin(i), chunks.end(i), nullptr, 1, acc);
+  // One pass for both moments, about a per-channel shift near the mean (the mean of kShiftRows rows spread over x),
+  // so that var = E[d^2] - E[d]^2 cancels few digits even where |mean| >> std.
+  const std::vector<float> shift = ShiftNearMean(x, m, c);
+  const std::vector<float> shift_t = Tiled(shift.data(), c, tile);
+  std::vector<double> moments = ChannelSums(pool, threads, chunks, 2 * c, [&](int64_t i, double* acc) {
+    MomentRows(x, c, tile, chunks.begin(i), chunks.end(i), shift_t.data(), acc, acc + c);
   });
-  for (int64_t j = 0; j < c; ++j) mean[j] = static_cast<float>(sum[j] / m);
+  std::vector<double> var_d(c);
+  for (int64_t j = 0; j < c; ++j) {
+    const double d_mean = moments[j] / m;
+    mean[j] = static_cast<float>(shift[j] + d_mean);
+    var_d[j] = std::max(0.0, moments[c + j] / m - d_mean * d_mean);
+  }
   const std::vector<float> mean_t = Tiled(mean, c, tile);
-  std::vector<double> sq = ChannelSums(pool, threads, chunks, c, [&](int64_t i, double* acc) {
-    SumRows(x, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), 2, acc);
-  });
   std::vector<float> a(c);
   for (int64_t j = 0; j < c; ++j) {
-    var[j] = static_cast<float>(sq[j] / m);
+    var[j] = static_cast<float>(var_d[j]);
     a[j] = (1.0f / std::sqrt(var[j] + epsilon)) * scale[j];
   }
   const std::vector<float> a_t = Tiled(a.data(), c, tile), b_t = Tiled(bias, c, tile);
