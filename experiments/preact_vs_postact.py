@@ -6,8 +6,8 @@ Question:  post-activation blocks (conv-BN-ReLU-conv-BN, add, ReLU: the original
            shortcut a pure identity from input to output. Does it matter for a 20-layer network? The same
            ResNet-20 at half width (8/16/32 channels) on Fashion-MNIST, option-A shortcuts in both, only
            `model.preact` changes.
-Runtime:   4 min 46 s wall for the 10 runs (515 s of CPU time), measured 2026-12-07 on a 2-core Intel Xeon
-           (AVX-512, AMX) that other work shared at times.
+Runtime:   5 min 08 s wall for the 10 runs (548 s of CPU time; about 30 s per run), measured 2026-12-07 on an
+           idle 2-core Intel Xeon (AVX-512, AMX).
 Expected:  measured 2026-12-07 with jax 0.10.2 on a 2-core Intel Xeon (AVX-512, AMX)
            (docs/results/preact_vs_postact.md; the first 10,000 training images, batch 128, lr 0.1, 6 epochs, all
            10,000 test images, mean ± sample std of 5 seeds): post-activation 87.14 ± 0.39%, pre-activation 87.17 ±
