@@ -9,8 +9,8 @@ Question:  VGG (Simonyan & Zisserman 2015) argued for stacks of 3x3 convolutions
            - k7-thin: 7x7 kernels at 3/7 of the width, about the parameters of k3.
            `python -m jaxcnn summary resnet20 --set stage_sizes=1,1,1 --set kernel_size=5 --input 28,28,1` shows
            each layer's receptive field.
-Runtime:   7 min 18 s wall for the 25 runs (796 s of CPU time), measured 2026-12-07 on a 2-core Intel Xeon
-           (AVX-512, AMX) that other work shared at times.
+Runtime:   8 min 56 s wall for the 25 runs (935 s of CPU time; 12-31 s per run), measured 2026-12-07 on an
+           idle 2-core Intel Xeon (AVX-512, AMX).
 Expected:  measured 2026-12-07 with jax 0.10.2 on a 2-core Intel Xeon (AVX-512, AMX) (docs/results/kernel_size.md;
            the first 10,000 training images, batch 128, lr 0.1, 6 epochs, all 10,000 test images, mean ± sample
            std of 5 seeds; Δ: difference to k3 with its 95% Welch interval): k3 85.20 ± 0.62% (19,074 parameters),
