@@ -502,11 +502,13 @@ class Strategy:
         carry `mask`).
         """
         eval_step = self._traced_here(eval_step)
+        options = backends.eval_compiler_options()
         if self.name == "single":
-            compiled = jax.jit(eval_step)
+            compiled = jax.jit(eval_step, compiler_options=options)
         elif self.name == "jit":
             rep = self._replicated
-            compiled = jax.jit(eval_step, in_shardings=(rep, self.batch_sharding), out_shardings=rep)
+            compiled = jax.jit(eval_step, in_shardings=(rep, self.batch_sharding), out_shardings=rep,
+                               compiler_options=options)
         elif self.name == "pmap":
             pmapped = jax.pmap(
                 eval_step, axis_name=BATCH_AXIS, in_axes=(0, 0), out_axes=None, devices=list(self.devices)
@@ -518,7 +520,8 @@ class Strategy:
         else:
             rep = self._replicated
             mapped = _shard_map(eval_step, mesh=self.mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=P())
-            compiled = jax.jit(mapped, in_shardings=(rep, self.batch_sharding), out_shardings=rep)
+            compiled = jax.jit(mapped, in_shardings=(rep, self.batch_sharding), out_shardings=rep,
+                               compiler_options=options)
         return self._checked(compiled, None, "the eval batch")
 
     def _checked(self, fn: Callable, expected: int | None, what: str) -> Callable:

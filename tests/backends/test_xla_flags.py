@@ -64,3 +64,30 @@ def test_backends_started_is_read_through_public_jax_api():
     """
     result = run_python(code, "")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_eval_compiler_options_keep_the_values_of_xla_defaults():
+    """An evaluation-shaped function (inference BatchNorm, ReLU, 2x2 max pool, mean) compiled with the eval options
+    gives XLA's default compilation's values; on the CPU the options are the documented ones."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxcnn import backends
+    from jaxcnn.backends.cpu.xla_flags import EVAL_COMPILER_OPTIONS
+
+    options = backends.eval_compiler_options()
+    assert options == (EVAL_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None)
+
+    def infer(x, mean, var, scale, bias):
+        y = jnp.maximum((x - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias, 0.0)
+        n, h, w, c = y.shape
+        return y.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4)).mean(axis=(1, 2))
+
+    rng = np.random.default_rng(0)
+    args = (rng.standard_normal((8, 12, 12, 16)).astype(np.float32), rng.standard_normal(16).astype(np.float32),
+            rng.uniform(0.5, 2.0, 16).astype(np.float32), rng.uniform(0.5, 1.5, 16).astype(np.float32),
+            rng.standard_normal(16).astype(np.float32))
+    got = jax.jit(infer, compiler_options=options)(*args)
+    want = jax.jit(infer)(*args)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
