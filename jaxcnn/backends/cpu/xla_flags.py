@@ -92,7 +92,8 @@ def configure_xla_cpu(flags: dict[str, str] | None = None) -> bool:
 # fusions run the eval-mode BatchNorm, ReLU and pooling (YNNPACK's reduce and elementwise fusions split them into
 # materialised broadcasts). The fast Fashion-MNIST recipe's evaluation (10,000 images with flip test-time
 # augmentation): 2.7 -> 1.2 s, its first call (with compilation) 3.4 -> 1.7 s; 2026-12-07, jax 0.10.2, 2-core Xeon.
-# Not for training steps, where YNNPACK's reductions serve the MLP's gradients (benchmarks/README.md).
+# Not for training steps: there the same option trained the recipe 10% slower and the MLP's gradients lose
+# YNNPACK's reductions (docs/cpu_backend.md, benchmarks/README.md).
 EVAL_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
