@@ -14,8 +14,8 @@ Runtime:   58.6 +- 5.7 s wall per run (3 seeds; data, compilation, 1,872 trainin
            Xeon VM (AVX-512, AMX), jax 0.10.2, commit 1557297; the same recipe in PyTorch 2.13 (compile +
            channels_last, each seed right after jaxcnn's) took 110.6 +- 11.9 s for 93.28 +- 0.01%: jaxcnn takes
            0.53x its time (0.48x in the run before it; the VM's speed drifts, read the ratio of one run).
-           With --set train.compute_dtype=bfloat16: 93.31 +- 0.08% in 53.2 +- 2.9 s (3 seeds, the same day, commit
-           697f9f7).
+           With --set train.compute_dtype=bfloat16: 93.30 +- 0.17% in 55.9 +- 5.2 s (3 seeds: 93.17, 93.24,
+           93.49%; the same day, commit 1557297).
 Expected:  93.38 +- 0.10% test accuracy (seeds 0-2: 93.33, 93.49, 93.32%; jax 0.10.2, 2026-12-07). The goal it is
            built for: 93.0% mean in < 120 s. At 7 epochs the mean is 93.02-93.25% depending on the machine
            (oneDNN's summation order), too close to 93.0%, hence 8.
