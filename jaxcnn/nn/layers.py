@@ -89,7 +89,10 @@ class Conv2d(nn.Module):
     bias_init: Initializer = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, split_bias: bool = False) -> jax.Array | tuple[jax.Array, jax.Array | None]:
+        """The conv's output ``[N, H_out, W_out, features]``; with ``split_bias=True`` the pair ``(output without
+        the bias, bias [features] or None)``, for a next layer that takes the bias in itself (`BatchNorm`'s
+        ``x_bias``: `jaxcnn.nn.ConvNormAct` passes it so)."""
         label = _layer_label(self)
         if x.ndim != 4:
             raise ValueError(f"{label}: expected x of shape [N, H, W, C], got {tuple(x.shape)}")
@@ -114,6 +117,8 @@ class Conv2d(nn.Module):
             )
         except ValueError as error:
             raise ValueError(f"{label}: {error}") from None
+        if split_bias:
+            return y, bias
         if bias is not None:
             y = backends.add_bias(y, bias)  # y + bias
         return y
@@ -210,7 +215,8 @@ class BatchNorm(nn.Module):
     as one kernel). Called with a ``residual`` (x's shape), the layer gives ``relu?(BatchNorm(x) + residual)``: a
     post-activation residual block's last norm, shortcut sum and ReLU, also one kernel; ``relu`` (the call's
     argument, default the field) says whether the ReLU follows the sum. ``pool_follows=True`` says a pooling layer
-    comes next (it changes no values; see `make_norm`).
+    comes next (it changes no values; see `make_norm`). ``x_bias`` ``[C]`` (a conv's bias, `Conv2d`'s
+    ``split_bias``) makes the layer normalise ``x + x_bias`` without computing the sum (`functional.batch_norm`).
     ``axis_name`` (a pmap / shard_map axis): each device holds a slice of the batch and training normalises with the
     whole batch's statistics (`jaxcnn.backends.batch_norm` all-reduces its per-channel sums), so the running
     statistics are the same on every device.
@@ -228,7 +234,8 @@ class BatchNorm(nn.Module):
     axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, residual: jax.Array | None = None, *, relu: bool | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, residual: jax.Array | None = None, *, relu: bool | None = None,
+                 x_bias: jax.Array | None = None) -> jax.Array:
         c = x.shape[-1]
         relu = self.relu if relu is None else relu
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
@@ -238,13 +245,13 @@ class BatchNorm(nn.Module):
         out_dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
         if self.use_running_average:
             y, _, _ = F.batch_norm(x, scale, bias, mean=ra_mean.value, var=ra_var.value, epsilon=self.epsilon,
-                                   relu=relu, dtype=out_dtype, residual=residual)
+                                   relu=relu, dtype=out_dtype, residual=residual, x_bias=x_bias)
         else:
             # `init` runs outside pmap / shard_map (no axis to all-reduce over): local statistics, as flax does.
             axis_name = None if self.is_initializing() else self.axis_name
             y, mean, var = F.batch_norm(x, scale, bias, epsilon=self.epsilon, relu=relu,
                                         pool_follows=self.pool_follows, axis_name=axis_name, dtype=out_dtype,
-                                        residual=residual)
+                                        residual=residual, x_bias=x_bias)
             if not self.is_initializing():
                 mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean

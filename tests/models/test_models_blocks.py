@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import flax.linen as nn
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from reference_numpy import np_conv2d, np_max_pool
 
 from jaxcnn import backends
@@ -191,3 +193,55 @@ def test_adaptive_avg_pool_matches_pytorch_definition(size, out):
     x = RNG.normal(size=(2, size, size, 3)).astype(np.float32)
     np.testing.assert_allclose(adaptive_avg_pool(jnp.asarray(x), (out, out)), _np_adaptive_avg_pool(x, out),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "xla"])
+def test_conv_bias_before_batchnorm_matches_the_sum_it_stands_for(native):
+    """ConvNormAct hands the conv's bias to the BatchNorm instead of adding it: outputs, running statistics and
+    gradients against NumPy / plain JAX that add the bias to every value first."""
+    x = RNG.normal(size=(4, 6, 6, 3)).astype(np.float32)
+    block = ConvNormAct(5, conv=functools.partial(layers.Conv2d, use_bias=True),
+                        norm=functools.partial(layers.make_norm, "batch", train=True))
+    variables = randomize(abstract_init(block, x))
+    variables["params"]["conv"]["bias"] = np.float32([3.0, -2.0, 0.5, 10.0, -7.0])  # large next to the conv's values
+    p, s = variables["params"], variables["batch_stats"]
+    conv = np_conv2d(x.astype(np.float64), p["conv"]["kernel"], padding=((1, 1), (1, 1))) + p["conv"]["bias"]
+    mean, var = conv.mean(axis=(0, 1, 2)), conv.var(axis=(0, 1, 2))
+    expected = relu((conv - mean) / np.sqrt(var + 1e-5) * p["norm"]["scale"] + p["norm"]["bias"])
+    def kernels():
+        return contextlib.nullcontext() if native else backends.xla_kernels()
+
+    with kernels():
+        y, updates = apply(block, variables, x, mutable=["batch_stats"])
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(updates["batch_stats"]["norm"]["mean"], 0.9 * s["norm"]["mean"] + 0.1 * mean,
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(updates["batch_stats"]["norm"]["var"], 0.9 * s["norm"]["var"] + 0.1 * var,
+                                   rtol=1e-4, atol=1e-5)
+        probe = RNG.normal(size=expected.shape).astype(np.float32)
+
+        def loss(params, x):
+            out, _ = block.apply({"params": params, "batch_stats": s}, x, mutable=["batch_stats"])
+            return jnp.sum(out * probe)
+
+        grads, dx = jax.jit(jax.grad(loss, argnums=(0, 1)))(p, x)
+
+    def plain_loss(params, x):  # the sum written out, and BatchNorm's formula
+        z = lax.conv_general_dilated(x, params["conv"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+        z = z + params["conv"]["bias"]
+        m, v = z.mean(axis=(0, 1, 2)), z.var(axis=(0, 1, 2))
+        out = jax.nn.relu((z - m) * lax.rsqrt(v + 1e-5) * params["norm"]["scale"] + params["norm"]["bias"])
+        return jnp.sum(out * probe)
+
+    want, want_dx = jax.jit(jax.grad(plain_loss, argnums=(0, 1)))(p, x)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-3, atol=1e-4)
+    for path in (("conv", "kernel"), ("norm", "scale"), ("norm", "bias")):
+        np.testing.assert_allclose(grads[path[0]][path[1]], want[path[0]][path[1]], rtol=1e-3, atol=1e-4)
+    # A bias before a BatchNorm cancels: its gradient is 0 (exactly here; rounding noise in the written-out sum).
+    np.testing.assert_array_equal(grads["conv"]["bias"], np.zeros(5, np.float32))
+    np.testing.assert_allclose(want["conv"]["bias"], 0.0, atol=1e-3)
+    with kernels():  # evaluation: the running statistics, the bias folded into the running mean
+        y_eval = apply(block.clone(norm=functools.partial(layers.make_norm, "batch", train=False)), variables, x)
+    expected_eval = relu(bn_eval(conv, p["norm"], s["norm"]))
+    np.testing.assert_allclose(y_eval, expected_eval, rtol=1e-4, atol=1e-4)

@@ -426,3 +426,27 @@ def test_pooling_keeps_bfloat16_and_sums_in_float32():
     assert abs(float(F.l2_pool(x, 8)[0, 0, 0, 0]) - math.sqrt(256**2 + 63)) < 1.0
     assert F.l2_pool(x, 2).dtype == jnp.bfloat16 and F.max_pool(x, 2).dtype == jnp.bfloat16
     assert F.avg_pool(jnp.ones((1, 4, 4, 1), jnp.uint8), 2).dtype == jnp.float32
+
+
+def test_batch_norm_x_bias_is_the_norm_of_the_sum():
+    """x_bias normalises x + x_bias: the values of the written-out sum (NumPy, float64), the batch mean moved by it,
+    a zero gradient through y in training, and the running-statistics form in evaluation."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 5, 5, 4)).astype(np.float32)
+    scale, bias = rng.normal(size=4).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    x_bias = np.float32([5.0, -3.0, 0.25, 40.0])
+    z = x.astype(np.float64) + x_bias
+    mean, var = z.mean(axis=(0, 1, 2)), z.var(axis=(0, 1, 2))
+    y, m, v = F.batch_norm(jnp.asarray(x), scale, bias, x_bias=jnp.asarray(x_bias))
+    np.testing.assert_allclose(y, (z - mean) / np.sqrt(var + 1e-5) * scale + bias, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(m, mean, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(v, var, rtol=1e-4)
+    dy = jax.grad(lambda b: jnp.sum(F.batch_norm(jnp.asarray(x), scale, bias, x_bias=b)[0] ** 2))(x_bias)
+    np.testing.assert_array_equal(dy, np.zeros(4, np.float32))
+    dm = jax.grad(lambda b: jnp.sum(F.batch_norm(jnp.asarray(x), scale, bias, x_bias=b)[1]))(x_bias)
+    np.testing.assert_allclose(dm, np.ones(4))
+    run_mean, run_var = rng.normal(size=4).astype(np.float32), rng.uniform(0.5, 2, 4).astype(np.float32)
+    y_eval, _, _ = F.batch_norm(jnp.asarray(x), scale, bias, mean=run_mean, var=run_var, x_bias=jnp.asarray(x_bias))
+    np.testing.assert_allclose(y_eval, (z - run_mean) / np.sqrt(run_var + 1e-5) * scale + bias, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="x_bias must have shape"):
+        F.batch_norm(jnp.asarray(x), scale, bias, x_bias=jnp.zeros(3))
