@@ -26,7 +26,8 @@ class VGG(ClassifierBase):
 
     The head defaults to torchvision's: adaptive average pool to ``head_pool_size`` (7) x 7, flatten, dense 4096,
     act, dropout, dense 4096, act, dropout, logits. ``head='gap'`` with ``head_hidden=()`` gives the small CIFAR
-    head. The convolutions always have a bias, also with a norm (torchvision's VGG-BN does the same).
+    head. The convolutions always have a bias, also with a norm (torchvision's VGG-BN does the same); before a
+    BatchNorm, `ConvNormAct` hands it to the norm, which moves its mean by it (the same values, computed faster).
 
     x: ``[N, H, W, C]`` -> logits ``[N, num_classes]``. Features: ``stage1`` ... ``stage5``, ``pre_logits``,
     ``logits``.
