@@ -35,7 +35,7 @@ from jaxcnn.results.progress import Progress
 from jaxcnn.results.writers import MetricsWriter, git_commit, write_json
 from jaxcnn.train import checkpoint as ckpt_lib
 from jaxcnn.train import parallel, transfer
-from jaxcnn.train.optim import make_optimizer
+from jaxcnn.train.optim import lr_at, make_optimizer
 from jaxcnn.train.state import TrainState, create_train_state, init_variables, leaf_names, param_count
 from jaxcnn.train.step import StepOptions, make_eval_step, make_train_step
 from jaxcnn.backends import configure_process as configure_xla_cpu
@@ -230,7 +230,7 @@ class Run:
             _raise_if_nonfinite(state, self.cfg)
         step, means, ips = counters.step, counters.take_means(), timer.interval_images_per_s()
         self.progress.update(step, step // self.steps_per_epoch, means, ips)
-        record = {**means, "epoch": step / self.steps_per_epoch, "lr": float(self.schedule(step))}
+        record = {**means, "epoch": step / self.steps_per_epoch, "lr": lr_at(self.schedule, step)}
         self.writer.write("train", step, record if ips is None else {**record, "images_per_s": ips})
 
     def evaluate(self, state: TrainState, step: int) -> dict[str, dict[str, float]]:

@@ -64,15 +64,25 @@ def create_train_state(
     *,
     ema: bool = False,
 ) -> TrainState:
-    """Builds the initial TrainState from initialised `variables` ({'params': ..., 'batch_stats': ...})."""
+    """Builds the initial TrainState from initialised `variables` ({'params': ..., 'batch_stats': ...}).
+
+    The optimizer state and the counters are made by one compiled call: run eagerly, every differently shaped
+    zero array of the optimizer's state compiled on its own (0.37 s of the fast recipe's start-up).
+    """
     params = variables["params"]
+
+    def fresh(params: Any) -> tuple[Any, ...]:
+        ema_params = jax.tree_util.tree_map(jnp.array, params) if ema else None
+        return jnp.zeros((), jnp.int32), tx.init(params), ema_params, jnp.full((2,), -1, jnp.int32)
+
+    step, opt_state, ema_params, first_nonfinite = jax.jit(fresh)(params)
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
+        step=step,
         params=params,
         batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        ema_params=jax.tree_util.tree_map(jnp.array, params) if ema else None,
-        first_nonfinite=jnp.full((2,), -1, jnp.int32),
+        opt_state=opt_state,
+        ema_params=ema_params,
+        first_nonfinite=first_nonfinite,
         apply_fn=model.apply,
         tx=tx,
     )
