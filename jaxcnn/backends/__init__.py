@@ -149,7 +149,8 @@ def max_pool(x: jax.Array, window_shape: tuple[int, int], strides: tuple[int, in
 
 def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float, relu: bool = False,
                pool_follows: bool = False, axis_name: Any = None, dtype: Any = jnp.float32,
-               residual: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+               residual: jax.Array | None = None,
+               pool_window: tuple[int, int] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode batch normalisation of x ``[..., C]`` over every axis but the last, plus `residual` (x's
     shape) when given, then ``jax.nn.relu`` when `relu`: ``(y [..., C] in dtype, mean [C], var [C])`` with the
     batch mean and biased variance, float32.
@@ -163,14 +164,25 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: floa
     With `axis_name` (a pmap / shard_map axis) x is this device's slice of the batch and the statistics are the
     whole batch's: the same closed form in JAX with its per-channel sums all-reduced (``lax.psum``) over the axis
     (the native kernel computes its statistics inside itself, over this device's slice only).
+
+    With `pool_window` (kh, kw) y is then max-pooled over non-overlapping windows (`max_pool` with strides equal to the
+    window, no padding): ``[N, H // kh, W // kw, C]``. On the CPU, float32 x without a residual runs BatchNorm, the
+    ReLU and the pool in one native call each way, the full-size output never written.
     """
-    if axis_name is not None:
-        y, mean, var = _norm.batch_norm_train_synced(x, scale, bias, epsilon, axis_name)
-        if residual is not None:
-            y = y + residual.astype(jnp.float32)
-        return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
-    return _norm.batch_norm_act_train(x, scale, bias, epsilon, relu, use_native=not pool_follows, dtype=dtype,
-                                      residual=residual)
+    if axis_name is not None or residual is not None or pool_window is None:
+        if axis_name is not None:
+            y, mean, var = _norm.batch_norm_train_synced(x, scale, bias, epsilon, axis_name)
+            if residual is not None:
+                y = y + residual.astype(jnp.float32)
+            y = (jax.nn.relu(y) if relu else y).astype(dtype)
+        else:
+            y, mean, var = _norm.batch_norm_act_train(x, scale, bias, epsilon, relu, use_native=not pool_follows,
+                                                      dtype=dtype, residual=residual)
+        if pool_window is not None:
+            y = max_pool(y, tuple(pool_window), tuple(pool_window), ((0, 0), (0, 0)))
+        return y, mean, var
+    return _norm.batch_norm_act_max_pool_train(x, scale, bias, epsilon, relu, tuple(pool_window),
+                                               use_native=not pool_follows, dtype=dtype)
 
 
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:

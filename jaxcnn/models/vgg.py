@@ -65,11 +65,15 @@ class VGG(ClassifierBase):
             for j in range(size):
                 strides = 2 if self.downsample == "conv" and j == size - 1 else 1
                 check_downsample(x, strides, f"VGG {stage} conv{j + 1} (input {input_shape})")
-                # A max pool of 2x2 windows runs in jaxcnn's native kernel, after oneDNN's BatchNorm + ReLU; XLA's
-                # fusion of the norm into the pool only pays before the pools XLA runs (avg, l2).
-                pooled = self.downsample == "pool" and self.pool != "max" and j == size - 1
-                x = block(self.scaled(channels), strides=strides, pool_follows=pooled, name=f"{stage}_conv{j + 1}")(x)
-            if self.downsample == "pool":
+                last = self.downsample == "pool" and j == size - 1
+                # The 2x2 max pool ends the stage's last block (with a BatchNorm: norm, ReLU and pool in one native
+                # kernel each way); before an average or L2 pool, XLA fuses the norm into the pool instead.
+                max_pool = 2 if last and self.pool == "max" else None
+                if max_pool:
+                    check_downsample(x, 2, f"VGG {stage} pool (input {input_shape})")
+                x = block(self.scaled(channels), strides=strides, pool_follows=last and self.pool != "max",
+                          max_pool_window=max_pool, name=f"{stage}_conv{j + 1}")(x)
+            if self.downsample == "pool" and self.pool != "max":
                 check_downsample(x, 2, f"VGG {stage} pool (input {input_shape})")
                 x = layers.Pool2d(self.pool, window_shape=2, strides=2, name=f"{stage}_pool")(x)
             features[stage] = x

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcnn.nn import functional as F
 from jaxcnn.nn import layers
 
 ModuleDef = Any
@@ -140,7 +141,9 @@ class ConvNormAct(nn.Module):
     x: ``[N, H, W, Cin]`` -> ``[N, ceil(H / strides), ceil(W / strides), features]`` (with the default padding).
     Submodules: ``conv`` and ``norm``. ``act=None`` leaves the activation out; ``zero_init`` starts the norm's
     scale at 0. ``use_bias=None`` gives the conv a bias only where no norm follows it (a norm's shift makes it
-    redundant), unless the ``conv`` factory sets ``use_bias`` itself.
+    redundant), unless the ``conv`` factory sets ``use_bias`` itself. ``max_pool_window=k`` ends the block with a
+    max pool over non-overlapping k x k windows (a VGG stage's last block); a BatchNorm then runs norm, ReLU and pool
+    as one kernel on the CPU.
     """
 
     features: int
@@ -155,6 +158,7 @@ class ConvNormAct(nn.Module):
     norm: ModuleDef = _no_norm
     act: Callable[[jax.Array], jax.Array] | None = jax.nn.relu
     pool_follows: bool = False  # a pooling layer comes next (see layers.make_norm; changes no values)
+    max_pool_window: int | None = None  # then a max pool over non-overlapping windows of this size
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -166,16 +170,19 @@ class ConvNormAct(nn.Module):
             bias["use_bias"] = self.preact or is_no_norm(self.norm)
         conv = build(self, "conv", self.conv, self.features, kernel_size=self.kernel_size, strides=self.strides,
                      padding=padding, groups=self.groups, name="conv", **bias)
+        window = self.max_pool_window
         if self.preact:
-            return conv(norm_act(self.norm, self.act, block=self, name="norm")(x))
+            y = conv(norm_act(self.norm, self.act, block=self, name="norm")(x))
+            return y if window is None else F.max_pool(y, window)
         norm = norm_act(self.norm, self.act, block=self, name="norm", zero_init=self.zero_init,
                         pool_follows=self.pool_follows)
-        if isinstance(norm, layers.BatchNorm) and isinstance(conv, layers.Conv2d):
+        if isinstance(norm, layers.BatchNorm):
             # The conv's bias goes into the BatchNorm, where it only moves the batch mean (functional.batch_norm):
-            # the sum conv(x) + bias is never written out.
-            y, bias = conv(x, split_bias=True)
-            return norm(y, x_bias=bias)
-        return norm(conv(x))
+            # the sum conv(x) + bias is never written out; the pool runs in the norm's kernel.
+            y, bias = conv(x, split_bias=True) if isinstance(conv, layers.Conv2d) else (conv(x), None)
+            return norm(y, x_bias=bias, max_pool_window=window)
+        y = norm(conv(x))
+        return y if window is None else F.max_pool(y, window)
 
 
 # ---------------------------------------------------------------------------------------------------------

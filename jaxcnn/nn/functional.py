@@ -418,6 +418,7 @@ def batch_norm(
     dtype: Any = jnp.float32,
     residual: jax.Array | None = None,
     x_bias: jax.Array | None = None,
+    max_pool_window: IntPair | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Batch normalisation per channel (the last axis): ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``.
 
@@ -438,6 +439,10 @@ def batch_norm(
     float32 rounding as normalising ``x + x_bias``, without writing and re-reading the sum (and summing its
     gradient): 10% of a VGG-BN training step on the CPU.
 
+    ``max_pool_window`` (kh x kw) then max-pools y over non-overlapping windows (`max_pool` with its default
+    strides): y is ``[N, H // kh, W // kw, C]``. In training on the CPU, float32 BatchNorm, ReLU and pool are then
+    one kernel each way, which never writes the full-size normalised map (a VGG stage's end).
+
     Returns ``(y [N, ..., C] in dtype, mean [C], var [C])``: the output and the statistics it was normalised with
     (`jaxcnn.nn.BatchNorm` moves its running statistics towards them).
     """
@@ -452,9 +457,17 @@ def batch_norm(
         raise ValueError(f"batch_norm: residual must have x's shape {tuple(x.shape)}, got {tuple(jnp.shape(residual))}")
     if (mean is None) != (var is None):
         raise ValueError("batch_norm: give both mean and var (evaluation) or neither (batch statistics)")
+    window = None
+    if max_pool_window is not None:
+        if x.ndim != 4:
+            raise ValueError(f"batch_norm: max_pool_window needs x of shape [N, H, W, C], got {tuple(x.shape)}")
+        window = _pair(max_pool_window, "max_pool_window")
+        if min(window) < 1 or window[0] > x.shape[1] or window[1] > x.shape[2]:
+            raise ValueError(f"batch_norm: max_pool_window {window} must be at least 1 and fit x's "
+                             f"{x.shape[1]}x{x.shape[2]} map (x of shape {tuple(x.shape)})")
     if mean is None:
         y, mean, var = backends.batch_norm(x, scale, bias, epsilon=epsilon, relu=relu, pool_follows=pool_follows,
-                                           axis_name=axis_name, dtype=dtype, residual=residual)
+                                           axis_name=axis_name, dtype=dtype, residual=residual, pool_window=window)
         if x_bias is not None:
             mean = mean + x_bias.astype(jnp.float32)
         return y, mean, var
@@ -464,7 +477,8 @@ def batch_norm(
     y = y + bias.astype(jnp.float32)
     if residual is not None:
         y = y + residual.astype(jnp.float32)
-    return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
+    y = (jax.nn.relu(y) if relu else y).astype(dtype)
+    return (y if window is None else max_pool(y, window)), mean, var
 
 
 __all__ = [

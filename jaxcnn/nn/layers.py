@@ -216,7 +216,9 @@ class BatchNorm(nn.Module):
     post-activation residual block's last norm, shortcut sum and ReLU, also one kernel; ``relu`` (the call's
     argument, default the field) says whether the ReLU follows the sum. ``pool_follows=True`` says a pooling layer
     comes next (it changes no values; see `make_norm`). ``x_bias`` ``[C]`` (a conv's bias, `Conv2d`'s
-    ``split_bias``) makes the layer normalise ``x + x_bias`` without computing the sum (`functional.batch_norm`).
+    ``split_bias``) makes the layer normalise ``x + x_bias`` without computing the sum (`functional.batch_norm`), and
+    ``max_pool_window`` (kh x kw) max-pools the result over non-overlapping windows (``[N, H // kh, W // kw, C]``; in
+    training on the CPU one kernel with the norm and the ReLU).
     ``axis_name`` (a pmap / shard_map axis): each device holds a slice of the batch and training normalises with the
     whole batch's statistics (`jaxcnn.backends.batch_norm` all-reduces its per-channel sums), so the running
     statistics are the same on every device.
@@ -235,7 +237,7 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, residual: jax.Array | None = None, *, relu: bool | None = None,
-                 x_bias: jax.Array | None = None) -> jax.Array:
+                 x_bias: jax.Array | None = None, max_pool_window: int | tuple[int, int] | None = None) -> jax.Array:
         c = x.shape[-1]
         relu = self.relu if relu is None else relu
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
@@ -245,13 +247,14 @@ class BatchNorm(nn.Module):
         out_dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
         if self.use_running_average:
             y, _, _ = F.batch_norm(x, scale, bias, mean=ra_mean.value, var=ra_var.value, epsilon=self.epsilon,
-                                   relu=relu, dtype=out_dtype, residual=residual, x_bias=x_bias)
+                                   relu=relu, dtype=out_dtype, residual=residual, x_bias=x_bias,
+                                   max_pool_window=max_pool_window)
         else:
             # `init` runs outside pmap / shard_map (no axis to all-reduce over): local statistics, as flax does.
             axis_name = None if self.is_initializing() else self.axis_name
             y, mean, var = F.batch_norm(x, scale, bias, epsilon=self.epsilon, relu=relu,
                                         pool_follows=self.pool_follows, axis_name=axis_name, dtype=out_dtype,
-                                        residual=residual, x_bias=x_bias)
+                                        residual=residual, x_bias=x_bias, max_pool_window=max_pool_window)
             if not self.is_initializing():
                 mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean

@@ -13,6 +13,7 @@ import pytest
 
 from jaxcnn.backends.cpu import kernels as onednn
 from jaxcnn.backends.cpu import norm as fast_norm
+from jaxcnn.backends.cpu import pool as fast_pool
 from jaxcnn.nn import layers
 
 
@@ -434,3 +435,97 @@ def test_pool_follows_keeps_xla_fusions_with_the_same_values():
         results[flag] = fn(variables["params"], x)
     for got, want in zip(jax.tree_util.tree_leaves(results[True]), jax.tree_util.tree_leaves(results[False])):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def numpy_max_pool_choice(y, window):
+    """Float64 NumPy max over non-overlapping windows and the chosen element (the first maximum, row-major), for
+    the pooled cotangent's scatter."""
+    kh, kw = window
+    n, h, w, c = y.shape
+    ho, wo = h // kh, w // kw
+    windows = y[:, :ho * kh, :wo * kw].reshape(n, ho, kh, wo, kw, c).transpose(0, 1, 3, 5, 2, 4)
+    flat = windows.reshape(n, ho, wo, c, kh * kw)
+    return flat.max(-1), flat.argmax(-1)
+
+
+def numpy_scatter(g, choice, shape, window):
+    kh, kw = window
+    n, ho, wo, c = g.shape
+    dy = np.zeros(shape)
+    idx = np.indices(g.shape)
+    dy[idx[0], idx[1] * kh + choice // kw, idx[2] * kw + choice % kw, idx[3]] = g
+    return dy
+
+
+@needs_onednn
+@pytest.mark.parametrize("relu", [True, False], ids=["bn-relu-pool", "bn-pool"])
+@pytest.mark.parametrize("shape", [(8, 12, 12, 16), (4, 7, 7, 32), (3, 5, 6, 24)],
+                         ids=["avx512", "avx512-odd-size", "portable-24ch"])
+def test_native_norm_max_pool_is_the_composition(shape, relu):
+    """BatchNorm (+ ReLU) then a 2x2 max pool in one native call each way: the separate native kernels' values
+    (the statistics bit for bit), both against float64 NumPy, and their gradients to float32 rounding; a program
+    exported for a GPU holds none of it."""
+    x, _, scale, bias = away_from_relu_kink(shape, seed=sum(shape))
+    rng = np.random.default_rng(len(shape))
+
+    def fused(x, s, b):
+        return fast_norm.batch_norm_act_max_pool_train(x, s, b, 1e-5, relu, (2, 2))
+
+    def separate(x, s, b):
+        y, mean, var = fast_norm.batch_norm_act_train(x, s, b, 1e-5, relu)
+        return fast_pool.max_pool_tiled(y, (2, 2)), mean, var
+
+    got, want = jax.jit(fused)(x, scale, bias), jax.jit(separate)(x, scale, bias)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)  # bit for bit in the AVX-512 loops
+    np.testing.assert_array_equal(got[1], want[1])  # the same statistics code
+    np.testing.assert_array_equal(got[2], want[2])
+    g = jnp.asarray(rng.standard_normal(got[0].shape), jnp.float32)
+    y64, _, _, _, _, _ = numpy_bn_relu_grads(x, np.zeros(shape), scale, bias, relu)
+    pooled, choice = numpy_max_pool_choice(y64, (2, 2))
+    np.testing.assert_allclose(got[0], pooled, rtol=2e-4, atol=2e-4)
+    _, _, _, dx, dscale, dbias = numpy_bn_relu_grads(x, numpy_scatter(np.asarray(g, np.float64), choice, shape,
+                                                                      (2, 2)), scale, bias, relu)
+
+    def grads(fn):
+        step = jax.jit(jax.grad(lambda x, s, b: jnp.sum(fn(x, s, b)[0] * g), (0, 1, 2)))
+        return step, step(x, scale, bias)
+
+    step, fused_grads = grads(fused)
+    assert "jaxcnn_batch_norm_max_pool_bwd" in step.lower(x, scale, bias).as_text()
+    for a, b, c in zip(fused_grads, grads(separate)[1], (dx, dscale, dbias)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, c, rtol=2e-4, atol=2e-4)
+    cuda = jax.export.export(step, platforms=["cuda"])(x, scale, bias).mlir_module()
+    assert "jaxcnn_batch_norm" not in cuda
+
+
+@needs_onednn
+def test_native_norm_max_pool_statistics_cotangents_and_second_derivatives():
+    """Losses that use the batch statistics, and a Hessian-vector product, through the fused call: the same as
+    JAX's composition of BatchNorm, ReLU and lax's max pool."""
+    x, _, scale, bias = away_from_relu_kink((4, 6, 6, 16), seed=11)
+    rng = np.random.default_rng(12)
+    g = jnp.asarray(rng.standard_normal((4, 3, 3, 16)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def reference(x, s, b):
+        y, mean, var = reference_bn_relu(x, s, b, True)
+        pooled = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        return pooled, mean, var
+
+    def loss_with(fn):
+        def loss(x, s, b):
+            y, mean, var = fn(x, s, b)
+            return jnp.sum(jnp.tanh(y) * g) + jnp.sum(mean ** 2) + jnp.sum(jnp.sqrt(var))
+        return loss
+
+    fast = loss_with(lambda x, s, b: fast_norm.batch_norm_act_max_pool_train(x, s, b, 1e-5, True, (2, 2)))
+    ref = loss_with(reference)
+    for got, want in zip(jax.grad(fast, (0, 1, 2))(x, scale, bias), jax.grad(ref, (0, 1, 2))(x, scale, bias)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    def hvp(loss):
+        return jax.grad(lambda x, s: jnp.vdot(jax.grad(loss)(x, s, bias), v), (0, 1))(x, scale)
+
+    for got, want in zip(hvp(fast), hvp(ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)

@@ -195,12 +195,14 @@ def test_adaptive_avg_pool_matches_pytorch_definition(size, out):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [None, 2], ids=["no-pool", "max-pool"])
 @pytest.mark.parametrize("native", [True, False], ids=["native", "xla"])
-def test_conv_bias_before_batchnorm_matches_the_sum_it_stands_for(native):
-    """ConvNormAct hands the conv's bias to the BatchNorm instead of adding it: outputs, running statistics and
-    gradients against NumPy / plain JAX that add the bias to every value first."""
+def test_conv_bias_before_batchnorm_matches_the_sum_it_stands_for(native, window):
+    """ConvNormAct hands the conv's bias to the BatchNorm instead of adding it, and with ``max_pool_window`` the
+    norm pools too: outputs, running statistics and gradients against NumPy / plain JAX that add the bias to every
+    value first and pool afterwards."""
     x = RNG.normal(size=(4, 6, 6, 3)).astype(np.float32)
-    block = ConvNormAct(5, conv=functools.partial(layers.Conv2d, use_bias=True),
+    block = ConvNormAct(5, conv=functools.partial(layers.Conv2d, use_bias=True), max_pool_window=window,
                         norm=functools.partial(layers.make_norm, "batch", train=True))
     variables = randomize(abstract_init(block, x))
     variables["params"]["conv"]["bias"] = np.float32([3.0, -2.0, 0.5, 10.0, -7.0])  # large next to the conv's values
@@ -208,6 +210,8 @@ def test_conv_bias_before_batchnorm_matches_the_sum_it_stands_for(native):
     conv = np_conv2d(x.astype(np.float64), p["conv"]["kernel"], padding=((1, 1), (1, 1))) + p["conv"]["bias"]
     mean, var = conv.mean(axis=(0, 1, 2)), conv.var(axis=(0, 1, 2))
     expected = relu((conv - mean) / np.sqrt(var + 1e-5) * p["norm"]["scale"] + p["norm"]["bias"])
+    pool = (lambda y: y) if window is None else (lambda y: np_max_pool(y, window))
+    expected = pool(expected)
     def kernels():
         return contextlib.nullcontext() if native else backends.xla_kernels()
 
@@ -232,6 +236,8 @@ def test_conv_bias_before_batchnorm_matches_the_sum_it_stands_for(native):
         z = z + params["conv"]["bias"]
         m, v = z.mean(axis=(0, 1, 2)), z.var(axis=(0, 1, 2))
         out = jax.nn.relu((z - m) * lax.rsqrt(v + 1e-5) * params["norm"]["scale"] + params["norm"]["bias"])
+        if window is not None:
+            out = lax.reduce_window(out, -jnp.inf, lax.max, (1, window, window, 1), (1, window, window, 1), "VALID")
         return jnp.sum(out * probe)
 
     want, want_dx = jax.jit(jax.grad(plain_loss, argnums=(0, 1)))(p, x)
@@ -243,5 +249,5 @@ def test_conv_bias_before_batchnorm_matches_the_sum_it_stands_for(native):
     np.testing.assert_allclose(want["conv"]["bias"], 0.0, atol=1e-3)
     with kernels():  # evaluation: the running statistics, the bias folded into the running mean
         y_eval = apply(block.clone(norm=functools.partial(layers.make_norm, "batch", train=False)), variables, x)
-    expected_eval = relu(bn_eval(conv, p["norm"], s["norm"]))
+    expected_eval = pool(relu(bn_eval(conv, p["norm"], s["norm"])))
     np.testing.assert_allclose(y_eval, expected_eval, rtol=1e-4, atol=1e-4)

@@ -450,3 +450,23 @@ def test_batch_norm_x_bias_is_the_norm_of_the_sum():
     np.testing.assert_allclose(y_eval, (z - run_mean) / np.sqrt(run_var + 1e-5) * scale + bias, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="x_bias must have shape"):
         F.batch_norm(jnp.asarray(x), scale, bias, x_bias=jnp.zeros(3))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["batch-statistics", "running-statistics"])
+def test_batch_norm_max_pool_window_is_the_pool_of_the_norm(train):
+    """max_pool_window pools the normalised (and ReLU'd) map: the same as max_pool afterwards; bad windows say so."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(4, 7, 6, 16)).astype(np.float32))
+    scale, bias = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    stats = {} if train else {"mean": rng.normal(size=16).astype(np.float32),
+                              "var": rng.uniform(0.5, 2, 16).astype(np.float32)}
+    y, m, v = F.batch_norm(x, scale, bias, relu=True, max_pool_window=2, **stats)
+    y_full, m_full, v_full = F.batch_norm(x, scale, bias, relu=True, **stats)
+    assert y.shape == (4, 3, 3, 16)
+    np.testing.assert_allclose(y, F.max_pool(y_full, 2), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(m, m_full)
+    np.testing.assert_array_equal(v, v_full)
+    with pytest.raises(ValueError, match="max_pool_window"):
+        F.batch_norm(x, scale, bias, max_pool_window=8, **stats)
+    with pytest.raises(ValueError, match="max_pool_window"):
+        F.batch_norm(x[:, :, 0], scale, bias, max_pool_window=2, **stats)

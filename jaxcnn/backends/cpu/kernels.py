@@ -70,7 +70,9 @@ _TARGETS = {FORWARD: ("jaxcnn_onednn_conv_fwd", "JaxcnnConvFwd"),
 _NORM_TARGETS = {"forward": ("jaxcnn_batch_norm_fwd", "JaxcnnNormFwd"),
                  "backward": ("jaxcnn_batch_norm_bwd", "JaxcnnNormBwd"),
                  "forward_add": ("jaxcnn_batch_norm_add_fwd", "JaxcnnNormAddFwd"),
-                 "backward_add": ("jaxcnn_batch_norm_add_bwd", "JaxcnnNormAddBwd")}
+                 "backward_add": ("jaxcnn_batch_norm_add_bwd", "JaxcnnNormAddBwd"),
+                 "pool_forward": ("jaxcnn_batch_norm_max_pool_fwd", "JaxcnnNormPoolFwd"),
+                 "pool_backward": ("jaxcnn_batch_norm_max_pool_bwd", "JaxcnnNormPoolBwd")}
 _POOL_TARGETS = {"forward": ("jaxcnn_max_pool_fwd", "JaxcnnMaxPoolFwd"),
                  "backward": ("jaxcnn_max_pool_bwd", "JaxcnnMaxPoolBwd")}
 _MATMUL_TARGET = ("jaxcnn_onednn_matmul", "JaxcnnMatmul")
@@ -454,6 +456,32 @@ def norm_backward(x: jax.Array, dy: jax.Array, mean: jax.Array, var: jax.Array, 
             x, dy, mean, var, scale, bias, **_norm_attrs(geometry))
     return jax.ffi.ffi_call(_NORM_TARGETS["backward_add"][0], (activation, stat, stat, activation),
                             vmap_method="sequential")(x, dy, mean, var, scale, bias, residual, **_norm_attrs(geometry))
+
+
+def norm_pool_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, geometry: NormGeometry,
+                      window: tuple[int, int]):
+    """`norm_forward` (float32, no residual) followed by `max_pool_forward`'s pool over non-overlapping ``kh x kw``
+    windows, in one call that never writes the full-size output: x ``[N, H, W, C]`` -> ``(y [N, H // kh, W // kw, C],
+    choice int8 (the same shape, as `max_pool_forward`'s), mean [C], var [C])``. Not differentiable by itself
+    (`jaxcnn.backends.cpu.norm` wraps it)."""
+    n, h, w, c = geometry.x_shape
+    pooled = (n, h // window[0], w // window[1], c)
+    stat = jax.ShapeDtypeStruct((c,), np.float32)
+    out = (jax.ShapeDtypeStruct(pooled, np.float32), jax.ShapeDtypeStruct(pooled, np.int8), stat, stat)
+    return jax.ffi.ffi_call(_NORM_TARGETS["pool_forward"][0], out, vmap_method="sequential")(
+        x, scale, bias, kh=np.int64(window[0]), kw=np.int64(window[1]), **_norm_attrs(geometry))
+
+
+def norm_pool_backward(x: jax.Array, g: jax.Array, choice: jax.Array, mean: jax.Array, var: jax.Array,
+                       scale: jax.Array, bias: jax.Array, geometry: NormGeometry, window: tuple[int, int]):
+    """The gradient of `norm_pool_forward`'s y for the cotangent g ``[N, H // kh, W // kw, C]``: ``(dx [N, H, W, C],
+    dscale [C], dbias [C])``, `norm_backward` of the cotangent `max_pool_backward` would scatter from g."""
+    c = geometry.x_shape[-1]
+    stat = jax.ShapeDtypeStruct((c,), np.float32)
+    out = (jax.ShapeDtypeStruct(geometry.x_shape, np.float32), stat, stat)
+    return jax.ffi.ffi_call(_NORM_TARGETS["pool_backward"][0], out, vmap_method="sequential")(
+        x, g, choice, mean, var, scale, bias, kh=np.int64(window[0]), kw=np.int64(window[1]),
+        **_norm_attrs(geometry))
 
 
 # -------------------------------------------------------------------------------------------- matrix products

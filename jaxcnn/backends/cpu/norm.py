@@ -34,6 +34,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jaxcnn.backends.cpu import kernels
+from jaxcnn.backends.cpu import pool as _pool
 
 
 def _reduction_axes(x: jax.Array) -> tuple[int, ...]:
@@ -229,6 +230,134 @@ def _native_bwd(geometry, saved, cotangents):
 _batch_norm_native.defvjp(_native_fwd, _native_bwd, symbolic_zeros=True)
 
 
+# ------------------------------------------------------------------ BatchNorm (+ ReLU) then a max pool, one call
+
+def _reference_norm_pool(x, scale, bias, epsilon, relu, window):
+    """pool(relu?(BatchNorm(x))) in JAX operations: ``(y, choice, mean, var)``, the pool's choice as
+    `jaxcnn.backends.cpu.pool` makes it."""
+    y, mean, var = _reference_forward(x, scale, bias, None, epsilon, relu)
+    pooled, choice = _pool._pool_and_choice(y, window)
+    return pooled, choice, mean, var
+
+
+def _reference_norm_pool_grad(x, g, choice, mean, var, scale, bias, epsilon, relu, window):
+    """(dx, dscale, dbias) for the pooled cotangent g: the pool's scatter, then `_reference_grad`."""
+    dy = _pool._scatter(g, choice, x.shape[1:3], window)
+    return _reference_grad(x, dy, mean, var, scale, bias, None, epsilon, relu)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _native_norm_pool_forward(x, scale, bias, geometry, window):
+    """The native forward call ``(y, choice, mean, var)``, differentiable through the JAX operations (for second
+    derivatives): y's tangent is the BatchNorm output's tangent at each window's choice."""
+    return kernels.norm_pool_forward(x, scale, bias, geometry, window)
+
+
+@_native_norm_pool_forward.defjvp
+def _native_norm_pool_forward_jvp(geometry, window, primals, tangents):
+    out = _native_norm_pool_forward(*primals, geometry, window)
+    choice = out[1]
+
+    def reference(x, scale, bias):
+        y, mean, var = _reference_forward(x, scale, bias, None, geometry.epsilon, geometry.relu)
+        return _pool._gather(y, choice, window), mean, var
+
+    _, (dy, dmean, dvar) = jax.jvp(reference, primals, tangents)
+    return out, (dy, np.zeros(choice.shape, jax.dtypes.float0), dmean, dvar)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _native_norm_pool_grad(x, g, choice, mean, var, scale, bias, geometry, window):
+    """The native backward call, differentiable again through `_reference_norm_pool_grad`."""
+    return kernels.norm_pool_backward(x, g, choice, mean, var, scale, bias, geometry, window)
+
+
+def _native_norm_pool_grad_fwd(x, g, choice, mean, var, scale, bias, geometry, window):
+    out = kernels.norm_pool_backward(x, g, choice, mean, var, scale, bias, geometry, window)
+    return out, (x, g, choice, mean, var, scale, bias)
+
+
+def _native_norm_pool_grad_bwd(geometry, window, residuals, cotangents):
+    x, g, choice, mean, var, scale, bias = residuals
+
+    def reference(x, g, mean, var, scale, bias):
+        return _reference_norm_pool_grad(x, g, choice, mean, var, scale, bias, geometry.epsilon, geometry.relu,
+                                         window)
+
+    dx, dg, dmean, dvar, dscale, dbias = jax.vjp(reference, x, g, mean, var, scale, bias)[1](cotangents)
+    return dx, dg, None, dmean, dvar, dscale, dbias
+
+
+_native_norm_pool_grad.defvjp(_native_norm_pool_grad_fwd, _native_norm_pool_grad_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_pool_native(x, scale, bias, geometry, window):
+    """pool(relu?(BatchNorm(x))) in one native call each way: ``(y pooled, mean, var)``."""
+    y, _, mean, var = _platform_norm_pool_forward(x, scale, bias, geometry, window)
+    return y, mean, var
+
+
+def _platform_norm_pool_forward(x, scale, bias, geometry, window):
+    def default(x, scale, bias):
+        return _reference_norm_pool(x, scale, bias, geometry.epsilon, geometry.relu, window)
+
+    return lax.platform_dependent(x, scale, bias, default=default,
+                                  cpu=lambda x, scale, bias: _native_norm_pool_forward(x, scale, bias, geometry,
+                                                                                       window))
+
+
+def _norm_pool_fwd(x, scale, bias, geometry, window):
+    x, scale, bias = x.value, scale.value, bias.value
+    y, choice, mean, var = _platform_norm_pool_forward(x, scale, bias, geometry, window)
+    return (y, mean, var), (x, choice, mean, var, scale, bias)
+
+
+def _norm_pool_bwd(geometry, window, saved, cotangents):
+    x, choice, mean, var, scale, bias = saved
+    g, dmean, dvar = cotangents
+    if isinstance(g, SymbolicZero):
+        g = jnp.zeros(choice.shape, jnp.float32)
+
+    def default(x, g, choice, mean, var, scale, bias):
+        return _reference_norm_pool_grad(x, g, choice, mean, var, scale, bias, geometry.epsilon, geometry.relu,
+                                         window)
+
+    def cpu(x, g, choice, mean, var, scale, bias):
+        return _native_norm_pool_grad(x, g, choice, mean, var, scale, bias, geometry, window)
+
+    dx, dscale, dbias = lax.platform_dependent(x, g, choice, mean, var, scale, bias, cpu=cpu, default=default)
+    dmean = None if isinstance(dmean, SymbolicZero) else dmean
+    dvar = None if isinstance(dvar, SymbolicZero) else dvar
+    if dmean is not None or dvar is not None:
+        dx = _add_statistics_cotangents(dx, x, mean, dmean, dvar)
+    return dx, dscale, dbias
+
+
+_batch_norm_pool_native.defvjp(_norm_pool_fwd, _norm_pool_bwd, symbolic_zeros=True)
+
+
+def batch_norm_act_max_pool_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool,
+                                  window: tuple[int, int], use_native: bool = True, dtype=jnp.float32):
+    """`batch_norm_act_train` then a max pool over non-overlapping `window` (kh, kw) windows (rows and columns past
+    the last whole window dropped): ``(y [N, H // kh, W // kw, C] in dtype, mean [C], var [C])``.
+
+    On the CPU backend, for float32 x ``[N, H, W, C]``, float32 parameters and output, both passes run in one native
+    call each (`kernels.norm_pool_forward`): the BatchNorm output is pooled as it is computed, never written at
+    full size, and the backward pass computes BatchNorm's gradient straight from the pooled cotangent and the
+    pool's choices. Elsewhere it is the composition of `batch_norm_act_train` and the tiled max pool.
+    """
+    window = (int(window[0]), int(window[1]))
+    geometry = None
+    if (use_native and x.ndim == 4 and np.dtype(dtype) == np.float32 and 1 <= window[0] * window[1] <= 127
+            and x.shape[1] >= window[0] and x.shape[2] >= window[1]):
+        geometry = kernels.norm_usable(x.shape, (x.dtype, scale.dtype, bias.dtype), relu=relu, epsilon=epsilon)
+    if geometry is not None and not geometry.bf16:
+        return _batch_norm_pool_native(x, scale, bias, geometry, window)
+    y, mean, var = batch_norm_act_train(x, scale, bias, epsilon, relu, use_native=use_native, dtype=dtype)
+    return _pool.max_pool_tiled(y, window), mean, var
+
+
 # ------------------------------------------------------------------------------------ statistics over devices
 
 def _synced_forward(x, scale, bias, epsilon, axis_name):
@@ -313,4 +442,4 @@ def batch_norm_act_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilo
     return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
 
 
-__all__ = ["batch_norm_act_train", "batch_norm_train", "batch_norm_train_synced"]
+__all__ = ["batch_norm_act_max_pool_train", "batch_norm_act_train", "batch_norm_train", "batch_norm_train_synced"]

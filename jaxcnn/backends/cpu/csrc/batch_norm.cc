@@ -12,6 +12,14 @@
 // ReLU after the sum in one pass):
 //   JaxcnnNormAddFwd (x, scale, bias, r) -> y = max?(0, (x - mean) * (rstd * scale) + bias + r), mean, var
 //   JaxcnnNormAddBwd (x, dy, mean, var, scale, bias, r) -> dx, dscale, dbias, dr (= dy where the ReLU passed it)
+// and, float32 only, the same followed by a max pool over non-overlapping kh x kw windows (a VGG stage's last
+// BatchNorm, ReLU and pool), whose full-size output is then never written:
+//   JaxcnnNormPoolFwd (x [B, H, W, C], scale, bias) -> y [B, H / kh, W / kw, C], code s8 (same shape), mean, var
+//   JaxcnnNormPoolBwd (x, g [B, H / kh, W / kw, C], code, mean, var, scale, bias) -> dx, dscale, dbias
+// where y is the max pool of the BatchNorm (+ ReLU) output as max_pool.cc computes it (the same choice in each
+// window, `code`: its row-major index there; rows and columns past the last whole window are dropped) and dx is
+// BatchNorm's gradient for the cotangent that is g at each window's chosen element and 0 elsewhere (attributes
+// "kh", "kw" besides the three below).
 // with rstd = 1 / sqrt(var + epsilon). Attributes: "epsilon" (f32), "relu" (int64: 1 = the ReLU is fused),
 // "threads" (int64: 0 = XLA's thread pool, anything else = the calling thread only, as when XLA runs several CPU
 // devices in one process; see onednn_conv.cc).
@@ -40,6 +48,10 @@
 #include <initializer_list>
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "bfloat16.h"
 #include "parallel_for.h"
@@ -332,9 +344,10 @@ std::vector<float> ShiftNearMean(const T* x, int64_t m, int64_t c) {
   return shift;
 }
 
+// The batch statistics of x [m, c] into mean and var (biased), and a = rstd * scale per channel.
 template <typename T>
-void ForwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const T* res, const float* scale,
-                  const float* bias, T* y, float* mean, float* var, int64_t m, int64_t c, float epsilon, bool relu) {
+void Statistics(ffi::ThreadPool& pool, int64_t threads, const T* x, const float* scale, float* mean, float* var,
+                float* a, int64_t m, int64_t c, float epsilon) {
   const Chunks chunks(m, std::max<int64_t>(1, pool.num_threads()));
   const int64_t tile = TileRows(c);
   // One pass for both moments, about a per-channel shift near the mean (the mean of kShiftRows rows spread over x),
@@ -344,23 +357,52 @@ void ForwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const T* r
   std::vector<double> moments = ChannelSums(pool, threads, chunks, 2 * c, [&](int64_t i, double* acc) {
     MomentRows(x, c, tile, chunks.begin(i), chunks.end(i), shift_t.data(), acc, acc + c);
   });
-  std::vector<double> var_d(c);
   for (int64_t j = 0; j < c; ++j) {
     const double d_mean = moments[j] / m;
     mean[j] = static_cast<float>(shift[j] + d_mean);
-    var_d[j] = std::max(0.0, moments[c + j] / m - d_mean * d_mean);
-  }
-  const std::vector<float> mean_t = Tiled(mean, c, tile);
-  std::vector<float> a(c);
-  for (int64_t j = 0; j < c; ++j) {
-    var[j] = static_cast<float>(var_d[j]);
+    var[j] = static_cast<float>(std::max(0.0, moments[c + j] / m - d_mean * d_mean));
     a[j] = (1.0f / std::sqrt(var[j] + epsilon)) * scale[j];
   }
+}
+
+template <typename T>
+void ForwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const T* res, const float* scale,
+                  const float* bias, T* y, float* mean, float* var, int64_t m, int64_t c, float epsilon, bool relu) {
+  const Chunks chunks(m, std::max<int64_t>(1, pool.num_threads()));
+  const int64_t tile = TileRows(c);
+  std::vector<float> a(c);
+  Statistics(pool, threads, x, scale, mean, var, a.data(), m, c, epsilon);
+  const std::vector<float> mean_t = Tiled(mean, c, tile);
   const std::vector<float> a_t = Tiled(a.data(), c, tile), b_t = Tiled(bias, c, tile);
   ForChunks(pool, threads, chunks, [&](int64_t i) {
     NormalizeRows(x, res, y, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), a_t.data(), b_t.data(),
                   relu);
   });
+}
+
+// The backward pass's per-channel factors from the forward's statistics: rstd = 1 / sqrt(var + epsilon) and
+// a = rstd * scale.
+struct BackwardFactors {
+  std::vector<float> rstd, a;
+  BackwardFactors(const float* var, const float* scale, int64_t c, float epsilon) : rstd(c), a(c) {
+    for (int64_t j = 0; j < c; ++j) {
+      rstd[j] = 1.0f / std::sqrt(var[j] + epsilon);
+      a[j] = rstd[j] * scale[j];
+    }
+  }
+};
+
+// dbias and dscale from the double sums [dbias..., dscale...] of c channels, and their means over m values.
+void FinishGradSums(const std::vector<double>& sums, int64_t m, int64_t c, float* dbias, float* dscale,
+                    std::vector<float>& mean_dbias, std::vector<float>& mean_dscale) {
+  mean_dbias.resize(c);
+  mean_dscale.resize(c);
+  for (int64_t j = 0; j < c; ++j) {
+    dbias[j] = static_cast<float>(sums[j]);
+    dscale[j] = static_cast<float>(sums[c + j]);
+    mean_dbias[j] = dbias[j] / m;
+    mean_dscale[j] = dscale[j] / m;
+  }
 }
 
 template <typename T>
@@ -369,29 +411,443 @@ void BackwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const T* 
                    float* dbias, int64_t m, int64_t c, float epsilon, bool relu) {
   const Chunks chunks(m, std::max<int64_t>(1, pool.num_threads()));
   const int64_t tile = TileRows(c);
-  std::vector<float> rstd(c), a(c);
-  for (int64_t j = 0; j < c; ++j) {
-    rstd[j] = 1.0f / std::sqrt(var[j] + epsilon);
-    a[j] = rstd[j] * scale[j];
-  }
-  const std::vector<float> mean_t = Tiled(mean, c, tile), rstd_t = Tiled(rstd.data(), c, tile);
-  const std::vector<float> a_t = Tiled(a.data(), c, tile), b_t = Tiled(bias, c, tile);
+  const BackwardFactors f(var, scale, c, epsilon);
+  const std::vector<float> mean_t = Tiled(mean, c, tile), rstd_t = Tiled(f.rstd.data(), c, tile);
+  const std::vector<float> a_t = Tiled(f.a.data(), c, tile), b_t = Tiled(bias, c, tile);
   std::vector<double> sums = ChannelSums(pool, threads, chunks, 2 * c, [&](int64_t i, double* acc) {
     GradSumRows(x, res, dy, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), rstd_t.data(), a_t.data(),
                 b_t.data(), relu, acc, acc + c);
   });
-  std::vector<float> mean_dbias(c), mean_dscale(c);
-  for (int64_t j = 0; j < c; ++j) {
-    dbias[j] = static_cast<float>(sums[j]);
-    dscale[j] = static_cast<float>(sums[c + j]);
-    mean_dbias[j] = dbias[j] / m;
-    mean_dscale[j] = dscale[j] / m;
-  }
+  std::vector<float> mean_dbias, mean_dscale;
+  FinishGradSums(sums, m, c, dbias, dscale, mean_dbias, mean_dscale);
   const std::vector<float> mean_dbias_t = Tiled(mean_dbias.data(), c, tile);
   const std::vector<float> mean_dscale_t = Tiled(mean_dscale.data(), c, tile);
   ForChunks(pool, threads, chunks, [&](int64_t i) {
     GradRows(x, res, dy, dx, dres, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), rstd_t.data(),
              a_t.data(), b_t.data(), mean_dbias_t.data(), mean_dscale_t.data(), relu);
+  });
+}
+
+// ---- BatchNorm (+ ReLU) then a max pool over non-overlapping kh x kw windows, float32 --------------------------
+//
+// The loops run over one window position (or one x position) at a time, with the channels as the vector axis, in
+// blocks of kChannelBlock channels.
+
+constexpr int64_t kChannelBlock = 64;
+
+struct PoolDims {
+  int64_t b, h, w, c, kh, kw, ho, wo;
+};
+
+// y (and code) of the output rows [r0, r1), r = image * ho + output row: each window scanned in row-major order,
+// the choice moving to a later element whenever the current one is not >= it (max_pool.cc's rule), y the
+// NaN-propagating maximum, of the values BatchNorm (+ ReLU) gives (Affine, as NormalizeRowsT computes them).
+template <bool kRelu>
+JAXCNN_INLINE void NormPoolRowsT(const PoolDims& s, const float* x, float* y, int8_t* code, const float* mean,
+                                 const float* a, const float* b, int64_t r0, int64_t r1) {
+  float best[kChannelBlock], out[kChannelBlock];
+  int32_t chosen[kChannelBlock];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t image = r / s.ho, oi = r % s.ho;
+    const float* rows = x + (image * s.h + oi * s.kh) * s.w * s.c;
+    for (int64_t oj = 0; oj < s.wo; ++oj) {
+      for (int64_t c0 = 0; c0 < s.c; c0 += kChannelBlock) {
+        const int64_t n = std::min(kChannelBlock, s.c - c0);
+        const float* mp = mean + c0;
+        const float* ap = a + c0;
+        const float* bp = b + c0;
+        for (int64_t wa = 0; wa < s.kh; ++wa) {
+          for (int64_t wb = 0; wb < s.kw; ++wb) {
+            const int32_t k = static_cast<int32_t>(wa * s.kw + wb);
+            const float* p = rows + (wa * s.w + oj * s.kw + wb) * s.c + c0;
+            #pragma GCC ivdep
+            for (int64_t j = 0; j < n; ++j) {
+              float v = Affine(p[j], mp[j], ap[j], bp[j]);
+              if constexpr (kRelu) v = v > 0.0f ? v : 0.0f;
+              if (k == 0) {
+                best[j] = out[j] = v;
+                chosen[j] = 0;
+              } else {
+                const bool move = !(best[j] >= v);
+                best[j] = move ? v : best[j];
+                chosen[j] = move ? k : chosen[j];
+                // After the ReLU no value is NaN and the maximum is the choice.
+                if constexpr (!kRelu) {
+                  out[j] = (std::isnan(out[j]) || std::isnan(v)) ? out[j] + v : (out[j] < v ? v : out[j]);
+                }
+              }
+            }
+          }
+        }
+        float* yp = y + (r * s.wo + oj) * s.c + c0;
+        int8_t* cp = code + (r * s.wo + oj) * s.c + c0;
+        for (int64_t j = 0; j < n; ++j) {
+          yp[j] = kRelu ? best[j] : out[j];
+          cp[j] = static_cast<int8_t>(chosen[j]);
+        }
+      }
+    }
+  }
+}
+
+// The cotangent BatchNorm's output gets along x row (image, i) with i < ho * kh, into g [w * c]: each window's g
+// at its chosen element, 0 at the others and past the last whole window; then the ReLU's mask.
+// `codes` [wo * c] is scratch space: the row's choices as floats, so that the loops below are float-only (a loop
+// mixing int8 and float over 16 channels vectorises by 64 bytes and never enters its vector body).
+template <bool kRelu>
+JAXCNN_INLINE void ScatterRow(const PoolDims& s, const float* xrow, const float* grow, const int8_t* crow, int64_t wa,
+                              const float* mean, const float* a, const float* b, float* codes, float* g) {
+  for (int64_t t = 0; t < s.wo * s.c; ++t) codes[t] = static_cast<float>(crow[t]);
+  for (int64_t oj = 0; oj < s.wo; ++oj) {
+    const float* gp = grow + oj * s.c;
+    const float* cp = codes + oj * s.c;
+    for (int64_t wb = 0; wb < s.kw; ++wb) {
+      const float k = static_cast<float>(wa * s.kw + wb);
+      const int64_t at = (oj * s.kw + wb) * s.c;
+      const float* xp = xrow + at;
+      float* out = g + at;
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < s.c; ++j) {
+        float v = cp[j] == k ? gp[j] : 0.0f;
+        if constexpr (kRelu) v = Affine(xp[j], mean[j], a[j], b[j]) > 0.0f ? v : 0.0f;
+        out[j] = v;
+      }
+    }
+  }
+  std::fill(g + s.wo * s.kw * s.c, g + s.w * s.c, 0.0f);
+}
+
+// dbias and dscale partial sums over the x rows [r0, r1) (row = image * h + i): float32 over each row, double
+// over the rows.
+template <bool kRelu>
+JAXCNN_INLINE void NormPoolGradSumsT(const PoolDims& s, const float* x, const float* gy, const int8_t* code,
+                                     const float* mean, const float* rstd, const float* a, const float* b, int64_t r0,
+                                     int64_t r1, double* dbias, double* dscale) {
+  std::vector<float> g(s.w * s.c), codes(s.wo * s.c), sb(s.c), ss(s.c);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t image = r / s.h, i = r % s.h;
+    if (i >= s.ho * s.kh) continue;  // no window reaches this row: its cotangent is 0
+    const int64_t orow = image * s.ho + i / s.kh;
+    const float* xrow = x + r * s.w * s.c;
+    ScatterRow<kRelu>(s, xrow, gy + orow * s.wo * s.c, code + orow * s.wo * s.c, i % s.kh, mean, a, b,
+                      codes.data(), g.data());
+    std::fill(sb.begin(), sb.end(), 0.0f);
+    std::fill(ss.begin(), ss.end(), 0.0f);
+    float* sbp = sb.data();
+    float* ssp = ss.data();
+    for (int64_t jw = 0; jw < s.wo * s.kw; ++jw) {
+      const float* xp = xrow + jw * s.c;
+      const float* gp = g.data() + jw * s.c;
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < s.c; ++j) {
+        sbp[j] += gp[j];
+        ssp[j] += gp[j] * ((xp[j] - mean[j]) * rstd[j]);
+      }
+    }
+    for (int64_t j = 0; j < s.c; ++j) {
+      dbias[j] += sb[j];
+      dscale[j] += ss[j];
+    }
+  }
+}
+
+// dx of the x rows [r0, r1): BatchNorm's gradient (GradRowsT's expression) for the scattered cotangent.
+template <bool kRelu>
+JAXCNN_INLINE void NormPoolGradRowsT(const PoolDims& s, const float* x, const float* gy, const int8_t* code, float* dx,
+                                     const float* mean, const float* rstd, const float* a, const float* b,
+                                     const float* mean_dbias, const float* mean_dscale, int64_t r0, int64_t r1) {
+  std::vector<float> g(s.w * s.c, 0.0f), codes(s.wo * s.c);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t image = r / s.h, i = r % s.h;
+    const float* xrow = x + r * s.w * s.c;
+    if (i < s.ho * s.kh) {
+      const int64_t orow = image * s.ho + i / s.kh;
+      ScatterRow<kRelu>(s, xrow, gy + orow * s.wo * s.c, code + orow * s.wo * s.c, i % s.kh, mean, a, b,
+                        codes.data(), g.data());
+    } else {
+      std::fill(g.begin(), g.end(), 0.0f);
+    }
+    float* out = dx + r * s.w * s.c;
+    for (int64_t jw = 0; jw < s.w; ++jw) {
+      const float* xp = xrow + jw * s.c;
+      const float* gp = g.data() + jw * s.c;
+      float* op = out + jw * s.c;
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < s.c; ++j) {
+        const float xhat = (xp[j] - mean[j]) * rstd[j];
+        op[j] = a[j] * (gp[j] - mean_dbias[j] - xhat * mean_dscale[j]);
+      }
+    }
+  }
+}
+
+JAXCNN_CLONES void NormPoolRows(const PoolDims& s, const float* x, float* y, int8_t* code, const float* mean,
+                                const float* a, const float* b, bool relu, int64_t r0, int64_t r1) {
+  if (relu) NormPoolRowsT<true>(s, x, y, code, mean, a, b, r0, r1);
+  else NormPoolRowsT<false>(s, x, y, code, mean, a, b, r0, r1);
+}
+
+JAXCNN_CLONES void NormPoolGradSums(const PoolDims& s, const float* x, const float* gy, const int8_t* code,
+                                    const float* mean, const float* rstd, const float* a, const float* b, bool relu,
+                                    int64_t r0, int64_t r1, double* dbias, double* dscale) {
+  if (relu) NormPoolGradSumsT<true>(s, x, gy, code, mean, rstd, a, b, r0, r1, dbias, dscale);
+  else NormPoolGradSumsT<false>(s, x, gy, code, mean, rstd, a, b, r0, r1, dbias, dscale);
+}
+
+JAXCNN_CLONES void NormPoolGradRows(const PoolDims& s, const float* x, const float* gy, const int8_t* code,
+                                    float* dx, const float* mean, const float* rstd, const float* a, const float* b,
+                                    const float* mean_dbias, const float* mean_dscale, bool relu, int64_t r0,
+                                    int64_t r1) {
+  if (relu) NormPoolGradRowsT<true>(s, x, gy, code, dx, mean, rstd, a, b, mean_dbias, mean_dscale, r0, r1);
+  else NormPoolGradRowsT<false>(s, x, gy, code, dx, mean, rstd, a, b, mean_dbias, mean_dscale, r0, r1);
+}
+
+// The same three loops in AVX-512 for C a multiple of 16 (every VGG width): one vector per 16 channels of a window
+// position, the window scan as max_pool.cc's (the same choice and, after the ReLU, where no value is NaN, the same
+// maximum). The portable loops above run elsewhere; both give the same forward bits.
+#if defined(__x86_64__)
+#define JAXCNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+bool HasAvx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
+JAXCNN_AVX512 inline __m512 AffineV(__m512 x, __m512 mean, __m512 a, __m512 b) {
+  return _mm512_fmadd_ps(_mm512_sub_ps(x, mean), a, b);
+}
+
+// max(v, 0) returns 0 for NaN, as `v > 0 ? v : 0` does.
+JAXCNN_AVX512 inline __m512 ReluV(__m512 v) { return _mm512_max_ps(v, _mm512_setzero_ps()); }
+
+template <bool kRelu>
+JAXCNN_AVX512 void NormPoolRowsAvx512(const PoolDims& s, const float* x, float* y, int8_t* code, const float* mean,
+                                      const float* a, const float* b, int64_t r0, int64_t r1) {
+  const int64_t c = s.c;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t image = r / s.ho, oi = r % s.ho;
+    const float* rows = x + (image * s.h + oi * s.kh) * s.w * c;
+    for (int64_t oj = 0; oj < s.wo; ++oj) {
+      for (int64_t c0 = 0; c0 < c; c0 += 16) {
+        const __m512 m = _mm512_loadu_ps(mean + c0), av = _mm512_loadu_ps(a + c0), bv = _mm512_loadu_ps(b + c0);
+        const float* base = rows + oj * s.kw * c + c0;
+        __m512 v = AffineV(_mm512_loadu_ps(base), m, av, bv);
+        if constexpr (kRelu) v = ReluV(v);
+        __m512 best = v, out = v;
+        __m512i chosen = _mm512_setzero_si512();
+        for (int64_t wa = 0; wa < s.kh; ++wa) {
+          for (int64_t wb = wa == 0 ? 1 : 0; wb < s.kw; ++wb) {
+            v = AffineV(_mm512_loadu_ps(base + (wa * s.w + wb) * c), m, av, bv);
+            if constexpr (kRelu) v = ReluV(v);
+            const __mmask16 move = static_cast<__mmask16>(~_mm512_cmp_ps_mask(best, v, _CMP_GE_OQ));
+            best = _mm512_mask_mov_ps(best, move, v);
+            chosen = _mm512_mask_mov_epi32(chosen, move, _mm512_set1_epi32(static_cast<int>(wa * s.kw + wb)));
+            if constexpr (!kRelu) {
+              const __mmask16 nan = _mm512_cmp_ps_mask(out, v, _CMP_UNORD_Q);
+              out = _mm512_mask_mov_ps(_mm512_max_ps(out, v), nan, _mm512_add_ps(out, v));
+            }
+          }
+        }
+        const int64_t at = (r * s.wo + oj) * c + c0;
+        _mm512_storeu_ps(y + at, kRelu ? best : out);
+        _mm512_mask_cvtepi32_storeu_epi8(code + at, 0xFFFF, chosen);
+      }
+    }
+  }
+}
+
+// The scattered, ReLU-masked cotangent at x position xp (channels c0..c0+15) of window element k, from the
+// window's g and choice (gp, cp).
+template <bool kRelu>
+JAXCNN_AVX512 inline __m512 ScatteredV(const float* xp, const float* gp, const int8_t* cp, int k, __m512 m,
+                                      __m512 av, __m512 bv) {
+  const __m512i codes = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp)));
+  __mmask16 take = _mm512_cmpeq_epi32_mask(codes, _mm512_set1_epi32(k));
+  if constexpr (kRelu) {
+    take &= _mm512_cmp_ps_mask(AffineV(_mm512_loadu_ps(xp), m, av, bv), _mm512_setzero_ps(), _CMP_GT_OQ);
+  }
+  return _mm512_maskz_loadu_ps(take, gp);
+}
+
+template <bool kRelu>
+JAXCNN_AVX512 void NormPoolGradSumsAvx512(const PoolDims& s, const float* x, const float* gy, const int8_t* code,
+                                          const float* mean, const float* rstd, const float* a, const float* b,
+                                          int64_t r0, int64_t r1, double* dbias, double* dscale) {
+  const int64_t c = s.c;
+  std::vector<float> sb(c), ss(c);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t image = r / s.h, i = r % s.h;
+    if (i >= s.ho * s.kh) continue;  // no window reaches this row: its cotangent is 0
+    const int64_t orow = image * s.ho + i / s.kh, wa = i % s.kh;
+    const float* xrow = x + r * s.w * c;
+    for (int64_t c0 = 0; c0 < c; c0 += 16) {
+      const __m512 m = _mm512_loadu_ps(mean + c0), av = _mm512_loadu_ps(a + c0), bv = _mm512_loadu_ps(b + c0);
+      const __m512 rs = _mm512_loadu_ps(rstd + c0);
+      __m512 acc_b = _mm512_setzero_ps(), acc_s = _mm512_setzero_ps();
+      for (int64_t oj = 0; oj < s.wo; ++oj) {
+        const int64_t o = (orow * s.wo + oj) * c + c0;
+        for (int64_t wb = 0; wb < s.kw; ++wb) {
+          const float* xp = xrow + (oj * s.kw + wb) * c + c0;
+          const __m512 g = ScatteredV<kRelu>(xp, gy + o, code + o, static_cast<int>(wa * s.kw + wb), m, av, bv);
+          const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xp), m), rs);
+          acc_b = _mm512_add_ps(acc_b, g);
+          acc_s = _mm512_fmadd_ps(g, xhat, acc_s);
+        }
+      }
+      _mm512_storeu_ps(sb.data() + c0, acc_b);
+      _mm512_storeu_ps(ss.data() + c0, acc_s);
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      dbias[j] += sb[j];
+      dscale[j] += ss[j];
+    }
+  }
+}
+
+template <bool kRelu>
+JAXCNN_AVX512 void NormPoolGradRowsAvx512(const PoolDims& s, const float* x, const float* gy, const int8_t* code,
+                                          float* dx, const float* mean, const float* rstd, const float* a,
+                                          const float* b, const float* mean_dbias, const float* mean_dscale,
+                                          int64_t r0, int64_t r1) {
+  const int64_t c = s.c;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t image = r / s.h, i = r % s.h;
+    const bool reached = i < s.ho * s.kh;
+    const int64_t orow = image * s.ho + i / s.kh, wa = i % s.kh;
+    const float* xrow = x + r * s.w * c;
+    float* drow = dx + r * s.w * c;
+    for (int64_t c0 = 0; c0 < c; c0 += 16) {
+      const __m512 m = _mm512_loadu_ps(mean + c0), av = _mm512_loadu_ps(a + c0), bv = _mm512_loadu_ps(b + c0);
+      const __m512 rs = _mm512_loadu_ps(rstd + c0), mdb = _mm512_loadu_ps(mean_dbias + c0);
+      const __m512 mds = _mm512_loadu_ps(mean_dscale + c0);
+      for (int64_t jw = 0; jw < s.w; ++jw) {
+        const float* xp = xrow + jw * c + c0;
+        const __m512 xv = _mm512_loadu_ps(xp);
+        __m512 g = _mm512_setzero_ps();
+        if (reached && jw < s.wo * s.kw) {
+          const int64_t o = (orow * s.wo + jw / s.kw) * c + c0;
+          g = ScatteredV<kRelu>(xp, gy + o, code + o, static_cast<int>(wa * s.kw + jw % s.kw), m, av, bv);
+        }
+        const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(xv, m), rs);
+        const __m512 t = _mm512_fnmadd_ps(xhat, mds, _mm512_sub_ps(g, mdb));
+        _mm512_storeu_ps(drow + jw * c + c0, _mm512_mul_ps(av, t));
+      }
+    }
+  }
+}
+#endif
+
+void NormPoolForwardImpl(ffi::ThreadPool& pool, int64_t threads, const PoolDims& s, const float* x,
+                         const float* scale, const float* bias, float* y, int8_t* code, float* mean, float* var,
+                         float epsilon, bool relu) {
+  std::vector<float> a(s.c);
+  Statistics(pool, threads, x, scale, mean, var, a.data(), s.b * s.h * s.w, s.c, epsilon);
+  const Chunks chunks(s.b * s.ho, std::max<int64_t>(1, pool.num_threads()));
+  ForChunks(pool, threads, chunks, [&](int64_t i) {
+#if defined(__x86_64__)
+    if (s.c % 16 == 0 && HasAvx512()) {
+      if (relu) NormPoolRowsAvx512<true>(s, x, y, code, mean, a.data(), bias, chunks.begin(i), chunks.end(i));
+      else NormPoolRowsAvx512<false>(s, x, y, code, mean, a.data(), bias, chunks.begin(i), chunks.end(i));
+      return;
+    }
+#endif
+    NormPoolRows(s, x, y, code, mean, a.data(), bias, relu, chunks.begin(i), chunks.end(i));
+  });
+}
+
+void NormPoolBackwardImpl(ffi::ThreadPool& pool, int64_t threads, const PoolDims& s, const float* x, const float* gy,
+                          const int8_t* code, const float* mean, const float* var, const float* scale,
+                          const float* bias, float* dx, float* dscale, float* dbias, float epsilon, bool relu) {
+  const int64_t m = s.b * s.h * s.w, c = s.c;
+  const BackwardFactors f(var, scale, c, epsilon);
+  const float* rstd = f.rstd.data();
+  const float* a = f.a.data();
+  const Chunks chunks(s.b * s.h, std::max<int64_t>(1, pool.num_threads()));
+#if defined(__x86_64__)
+  const bool simd = c % 16 == 0 && HasAvx512();
+#else
+  const bool simd = false;
+#endif
+  std::vector<double> sums = ChannelSums(pool, threads, chunks, 2 * c, [&](int64_t i, double* acc) {
+#if defined(__x86_64__)
+    if (simd) {
+      if (relu) {
+        NormPoolGradSumsAvx512<true>(s, x, gy, code, mean, rstd, a, bias, chunks.begin(i),
+                                     chunks.end(i), acc, acc + c);
+      } else {
+        NormPoolGradSumsAvx512<false>(s, x, gy, code, mean, rstd, a, bias, chunks.begin(i),
+                                      chunks.end(i), acc, acc + c);
+      }
+      return;
+    }
+#endif
+    NormPoolGradSums(s, x, gy, code, mean, rstd, a, bias, relu, chunks.begin(i), chunks.end(i), acc,
+                     acc + c);
+  });
+  std::vector<float> mean_dbias, mean_dscale;
+  FinishGradSums(sums, m, c, dbias, dscale, mean_dbias, mean_dscale);
+  ForChunks(pool, threads, chunks, [&](int64_t i) {
+#if defined(__x86_64__)
+    if (simd) {
+      if (relu) {
+        NormPoolGradRowsAvx512<true>(s, x, gy, code, dx, mean, rstd, a, bias, mean_dbias.data(),
+                                     mean_dscale.data(), chunks.begin(i), chunks.end(i));
+      } else {
+        NormPoolGradRowsAvx512<false>(s, x, gy, code, dx, mean, rstd, a, bias, mean_dbias.data(),
+                                      mean_dscale.data(), chunks.begin(i), chunks.end(i));
+      }
+      return;
+    }
+#endif
+    NormPoolGradRows(s, x, gy, code, dx, mean, rstd, a, bias, mean_dbias.data(), mean_dscale.data(),
+                     relu, chunks.begin(i), chunks.end(i));
+  });
+}
+
+// fn() with any exception turned into an internal error that starts with `what`.
+template <typename Fn>
+ffi::Error Guarded(const char* what, const Fn& fn) {
+  try {
+    fn();
+  } catch (const std::exception& err) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolDimsOf(ffi::Span<const int64_t> d, int64_t kh, int64_t kw, PoolDims& s) {
+  if (d.size() != 4) return ffi::Error::InvalidArgument("jaxcnn batch norm + max pool: x must be [B, H, W, C]");
+  if (kh < 1 || kw < 1 || kh * kw > 127) {
+    return ffi::Error::InvalidArgument("jaxcnn batch norm + max pool: the window must hold 1..127 elements");
+  }
+  s = PoolDims{d[0], d[1], d[2], d[3], kh, kw, d[1] / kh, d[2] / kw};
+  return ffi::Error::Success();
+}
+
+ffi::Error NormPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> code,
+                           ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var, float epsilon,
+                           int64_t relu, int64_t threads, int64_t kh, int64_t kw) {
+  PoolDims s;
+  if (auto error = PoolDimsOf(x.dimensions(), kh, kw, s); error.failure()) return error;
+  return Guarded("jaxcnn batch norm + max pool failed: ", [&] {
+    NormPoolForwardImpl(pool, threads, s, x.typed_data(), scale.typed_data(), bias.typed_data(), y->typed_data(),
+                        code->typed_data(), mean->typed_data(), var->typed_data(), epsilon, relu != 0);
+  });
+}
+
+ffi::Error NormPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
+                            ffi::Buffer<ffi::S8> code, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> dx,
+                            ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias, float epsilon,
+                            int64_t relu, int64_t threads, int64_t kh, int64_t kw) {
+  PoolDims s;
+  if (auto error = PoolDimsOf(x.dimensions(), kh, kw, s); error.failure()) return error;
+  return Guarded("jaxcnn batch norm + max pool backward failed: ", [&] {
+    NormPoolBackwardImpl(pool, threads, s, x.typed_data(), gy.typed_data(), code.typed_data(), mean.typed_data(),
+                         var.typed_data(), scale.typed_data(), bias.typed_data(), dx->typed_data(),
+                         dscale->typed_data(), dbias->typed_data(), epsilon, relu != 0);
   });
 }
 
@@ -552,3 +1008,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnNormAddBwd, BackwardAdd,
                                   .Ret<JAXCNN_F32>()      // dbias
                                   .Ret<ffi::AnyBuffer>()  // dresidual
                                       JAXCNN_NORM_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnNormPoolFwd, NormPoolForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<JAXCNN_F32>()             // x
+                                  .Arg<JAXCNN_F32>()             // scale
+                                  .Arg<JAXCNN_F32>()             // bias
+                                  .Ret<JAXCNN_F32>()             // y (pooled)
+                                  .Ret<ffi::Buffer<ffi::S8>>()   // code
+                                  .Ret<JAXCNN_F32>()             // mean
+                                  .Ret<JAXCNN_F32>()             // var
+                                      JAXCNN_NORM_ATTRS.Attr<int64_t>("kh").Attr<int64_t>("kw"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnNormPoolBwd, NormPoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<JAXCNN_F32>()             // x
+                                  .Arg<JAXCNN_F32>()             // g (pooled)
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // code
+                                  .Arg<JAXCNN_F32>()             // mean
+                                  .Arg<JAXCNN_F32>()             // var
+                                  .Arg<JAXCNN_F32>()             // scale
+                                  .Arg<JAXCNN_F32>()             // bias
+                                  .Ret<JAXCNN_F32>()             // dx
+                                  .Ret<JAXCNN_F32>()             // dscale
+                                  .Ret<JAXCNN_F32>()             // dbias
+                                      JAXCNN_NORM_ATTRS.Attr<int64_t>("kh").Attr<int64_t>("kw"));
