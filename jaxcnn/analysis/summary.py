@@ -143,8 +143,17 @@ def _as_pair(v: Any) -> Pair:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _window_spec(module: nn.Module, x_shape: Sequence[int]) -> tuple[Pair, Pair, Pair, Pair] | None:
-    """(kernel, stride, dilation, padding before) of a conv or pool layer, else None."""
+def _window_spec(
+    module: nn.Module, x_shape: Sequence[int], pool_window: Any = None
+) -> tuple[Pair, Pair, Pair, Pair] | None:
+    """(kernel, stride, dilation, padding before) of a conv or pool layer, else None.
+
+    ``pool_window`` is the ``max_pool_window`` a BatchNorm was called with: its output is then max-pooled over
+    non-overlapping windows without padding, a pool layer as far as the receptive field goes.
+    """
+    if pool_window is not None:
+        kernel = _as_pair(pool_window)
+        return kernel, kernel, (1, 1), (0, 0)
     if isinstance(module, layers.Conv2d):
         kernel, stride, dilation = _as_pair(module.kernel_size), _as_pair(module.strides), _as_pair(module.dilation)
         padding = module.padding
@@ -229,14 +238,17 @@ def summary(
             open_calls[-1]["leaf"] = False
         open_calls.append(record)
         start = trace.mark()
-        out = next_fun(*args, **kw)
+        result = next_fun(*args, **kw)
         open_calls.pop()
         x_in = args[0] if args else None
+        # A conv called with split_bias returns (output without bias, bias): the output is the layer's map.
+        out = result[0] if isinstance(result, tuple) and kw.get("split_bias") else result
         record["passthrough"] = out is x_in  # identity shortcuts, dropout at evaluation
-        record["rf"] = trace.module_output(module, x_in, out, start)
+        record["pool_window"] = kw.get("max_pool_window")  # a BatchNorm that also max-pools its output
+        record["rf"] = trace.module_output(module, x_in, out, start, record["pool_window"])
         record["input_shape"] = tuple(x_in.shape) if hasattr(x_in, "shape") else None
         record["output_shape"] = tuple(out.shape) if hasattr(out, "shape") else None
-        return out
+        return result
 
     def traced(variables: Any, x: jax.Array) -> Any:
         trace.start(x)
@@ -329,12 +341,15 @@ class _RFTracker:
                     return state
         return None
 
-    def module_output(self, module: nn.Module, x: Any, out: Any, start: int) -> tuple[Pair, Pair] | None:
-        """Registers `out`'s chain; returns (rf size, rf jump) for conv and pool layers, else None."""
+    def module_output(
+        self, module: nn.Module, x: Any, out: Any, start: int, pool_window: Any = None
+    ) -> tuple[Pair, Pair] | None:
+        """Registers `out`'s chain; returns (rf size, rf jump) for conv and pool layers (and a BatchNorm that
+        max-pools, ``pool_window``), else None."""
         if getattr(out, "ndim", None) != 4:
             return None
         state = self._state_of(x) if getattr(x, "ndim", None) == 4 else None
-        spec = _window_spec(module, x.shape) if state is not None else None
+        spec = _window_spec(module, x.shape, pool_window) if state is not None else None
         if spec is not None:
             chain = state[0] + (("/".join(map(str, module.path)), *spec),)
             row = receptive_field_of_layers(list(chain))[-1]

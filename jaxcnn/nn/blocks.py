@@ -173,7 +173,7 @@ class ConvNormAct(nn.Module):
         window = self.max_pool_window
         if self.preact:
             y = conv(norm_act(self.norm, self.act, block=self, name="norm")(x))
-            return y if window is None else F.max_pool(y, window)
+            return y if window is None else layers.Pool2d("max", window_shape=window, strides=window, name="pool")(y)
         norm = norm_act(self.norm, self.act, block=self, name="norm", zero_init=self.zero_init,
                         pool_follows=self.pool_follows)
         if isinstance(norm, layers.BatchNorm):
@@ -182,7 +182,7 @@ class ConvNormAct(nn.Module):
             y, bias = conv(x, split_bias=True) if isinstance(conv, layers.Conv2d) else (conv(x), None)
             return norm(y, x_bias=bias, max_pool_window=window)
         y = norm(conv(x))
-        return y if window is None else F.max_pool(y, window)
+        return y if window is None else layers.Pool2d("max", window_shape=window, strides=window, name="pool")(y)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -94,6 +94,22 @@ def test_resnet20_totals_and_receptive_field_through_the_blocks():
     assert 0.98 < table.xla_ratio < 1.1
 
 
+@pytest.mark.parametrize("name", ["vgg11", "vgg11_bn"])
+def test_vgg_receptive_field_counts_each_stage_pool(name):
+    # A stage's 2x2 pool ends its last block: a Pool2d row without BatchNorm, inside the BatchNorm's call with it.
+    model = create_model(name, num_classes=10, width=0.125, head_pool_size=None, head_hidden=())
+    table = summary(model, (32, 32, 3), xla=False)
+    pools = [r for r in table.rows if r.output_shape[1:3] != () and r.rf_size is not None and r.type != "Conv2d"]
+    assert [r.output_shape[1] for r in pools] == [16, 8, 4, 2, 1]
+    assert {r.type for r in pools} == ({"BatchNorm"} if name.endswith("_bn") else {"Pool2d"})
+    chain = []
+    for size in (1, 1, 2, 2, 2):  # VGG-11: convs per stage, each stage then a 2x2 stride-2 pool
+        chain += [(3, 1)] * size + [(2, 2)]
+    windowed = [r for r in table.rows if r.rf_size is not None]
+    assert [(r.rf_size[0], r.rf_jump[0]) for r in windowed] == rf_chain(chain)
+    assert windowed[-1].rf_size == (150, 150) and windowed[-1].rf_jump == (32, 32)
+
+
 def test_inception_branches_each_get_their_own_receptive_field():
     class Tiny(nn.Module):
         @nn.compact
