@@ -171,9 +171,12 @@ class ConvNormAct(nn.Module):
         conv = build(self, "conv", self.conv, self.features, kernel_size=self.kernel_size, strides=self.strides,
                      padding=padding, groups=self.groups, name="conv", **bias)
         window = self.max_pool_window
-        if self.preact:
-            y = conv(norm_act(self.norm, self.act, block=self, name="norm")(x))
+
+        def pooled(y: jax.Array) -> jax.Array:  # a Pool2d module, so that summaries list it
             return y if window is None else layers.Pool2d("max", window_shape=window, strides=window, name="pool")(y)
+
+        if self.preact:
+            return pooled(conv(norm_act(self.norm, self.act, block=self, name="norm")(x)))
         norm = norm_act(self.norm, self.act, block=self, name="norm", zero_init=self.zero_init,
                         pool_follows=self.pool_follows)
         if isinstance(norm, layers.BatchNorm):
@@ -181,8 +184,7 @@ class ConvNormAct(nn.Module):
             # the sum conv(x) + bias is never written out; the pool runs in the norm's kernel.
             y, bias = conv(x, split_bias=True) if isinstance(conv, layers.Conv2d) else (conv(x), None)
             return norm(y, x_bias=bias, max_pool_window=window)
-        y = norm(conv(x))
-        return y if window is None else layers.Pool2d("max", window_shape=window, strides=window, name="pool")(y)
+        return pooled(norm(conv(x)))
 
 
 # ---------------------------------------------------------------------------------------------------------
