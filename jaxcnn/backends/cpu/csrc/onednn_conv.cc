@@ -28,11 +28,21 @@
 // as PyTorch's autocast runs them); the filter gradient is computed in float32 (slices summed in float32) and
 // rounded to bfloat16 once, to nearest even.
 //
+// Winograd: float32 3x3 convolutions with stride 1 and padding 1, at least kWinogradMinChannels channels in and
+// out (multiples of 16) and outputs of whole 4x4 tiles run as oneDNN's Winograd F(4x4, 3x3) (jit_wino_4x3,
+// AVX-512 only), which does 4x fewer multiplications; its kernels read and write the blocked nChw16c layout, so
+// each call reorders its NHWC activations in and out, chunk by chunk of at most kWinogradChunk images. The
+// same convolution with a different order of float32 sums: its error against a float64 reference is a few times
+// the direct kernels' (tests/backends/test_winograd.py). JAXCNN_WINOGRAD=0 turns it off (for A/B runs, or
+// results bit-identical to the direct kernels). Per-call figures are in benchmarks/README.md.
+//
 // JaxcnnConvImpl(op, dims, error, error_len) builds (and caches) the primitive for a geometry and returns the
 // name of the implementation oneDNN picked, or nullptr with a message in `error`; jaxcnn calls it while tracing
 // and keeps XLA's convolution for geometries oneDNN would run with its slow reference implementation.
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <map>
@@ -57,6 +67,24 @@ using dt = dnnl::memory::data_type;
 namespace {
 
 enum Op : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+// Winograd pays where the channels are many and the output splits into whole 4x4 tiles. Per call, one thread, from
+// memory, ms direct / Winograd (forward, input gradient, filter gradient), 64 images unless said: 64 channels at
+// 8x8 1.71 / 1.41, 2.05 / 1.39, 1.94 / 1.40; 32 at 16x16 1.92 / 1.85, 2.15 / 1.87, 1.86 / 1.81; 64 at 56x56, 16
+// images, 19.9 / 14.5, 24.7 / 14.3, 23.5 / 14.7; 128 at 28x28, 16 images, 20.0 / 10.2, 22.4 / 10.4, 21.3 / 12.4.
+// Slower: 16 channels at 32x32 (2.36 / 3.35, 2.26 / 3.22, 2.18 / 2.56), 7x7 and 3x3 outputs (32 channels at 7x7,
+// 128 images: 0.68 / 0.92, 0.69 / 0.92, 0.71 / 1.11), 8 images of 8x8 (64 channels: 1.84 / 2.27).
+constexpr int64_t kWinogradMinChannels = 32;
+constexpr int64_t kWinogradChunk = 64;            // images per reorder + Winograd call, at most
+constexpr int64_t kWinogradMinChunkPixels = 1024;  // output pixels per call (chunk x Ho x Wo), at least
+
+bool WinogradEnabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("JAXCNN_WINOGRAD");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return enabled;
+}
 
 struct Geometry {
   int64_t n, h, w, cin, kh, kw, cout, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw, groups, threads;
@@ -84,6 +112,21 @@ struct Geometry {
   memory::dims Dilates() const { return {dh - 1, dw - 1}; }  // oneDNN counts the gaps, JAX the step
   memory::dims PadL() const { return {pt, pl}; }
   memory::dims PadR() const { return {pb, pr}; }
+
+  // The images per Winograd call: the largest divisor of n up to kWinogradChunk.
+  int64_t Chunk() const {
+    for (int64_t c = std::min(n, kWinogradChunk); c > 1; --c) {
+      if (n % c == 0) return c;
+    }
+    return 1;
+  }
+  // Whether this geometry runs as Winograd (the chunk's primitive, once n == Chunk()).
+  bool Winograd() const {
+    return WinogradEnabled() && !bf16 && groups == 1 && kh == 3 && kw == 3 && sh == 1 && sw == 1 && dh == 1 &&
+           dw == 1 && pt == 1 && pb == 1 && pl == 1 && pr == 1 && cin % 16 == 0 && cout % 16 == 0 &&
+           std::min(cin, cout) >= kWinogradMinChannels && ho % 4 == 0 && wo % 4 == 0 &&
+           Chunk() * ho * wo >= kWinogradMinChunkPixels;
+  }
 };
 
 using jaxcnn::Engine;
@@ -97,57 +140,70 @@ struct Entry {
   dnnl::reorder to_primitive;  // HWIO -> primitive layout (forward, input gradient)
   dnnl::reorder to_user;       // primitive layout -> HWIO (filter gradient)
   std::string impl;
+  // Winograd: the blocked activation layouts its kernels read and write, and the NHWC <-> blocked reorders.
+  bool blocked = false;
+  memory::desc src, dst;                   // blocked x / dx and y / dy
+  dnnl::reorder src_in, dst_in, src_out;   // NHWC x -> src, NHWC dy -> dst, src -> NHWC dx
+  dnnl::reorder dst_out;                   // dst -> NHWC y
 };
 
 std::mutex cache_mutex;
 std::map<std::vector<int64_t>, std::shared_ptr<Entry>> cache;
 
-std::shared_ptr<Entry> Build(const Geometry& g, Op op) {
+// The primitive for op with `algo`: convolution_direct on NHWC activations, or convolution_winograd on the
+// blocked layouts its kernels choose (throws dnnl::error where oneDNN has no kernel for it).
+std::shared_ptr<Entry> BuildWith(const Geometry& g, Op op, dnnl::algorithm algo) {
   auto e = std::make_shared<Entry>();
   // Scratchpad in user mode: oneDNN's library-mode scratchpad is one global buffer, unsafe when XLA runs the
   // computations of several CPU devices (pmap, shard_map, sharded jit) in parallel threads.
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const bool winograd = algo == dnnl::algorithm::convolution_winograd;
+  const memory::desc src = winograd ? memory::desc({g.n, g.cin, g.h, g.w}, dt::f32, tag::any) : g.Src();
+  const memory::desc dst = winograd ? memory::desc({g.n, g.cout, g.ho, g.wo}, dt::f32, tag::any) : g.Dst();
 #if DNNL_VERSION_MAJOR >= 3  // oneDNN 3.x: primitive descriptors are built directly (the op descs are gone)
-  dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training,
-                                                dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(),
-                                                g.Dst(), g.Strides(), g.Dilates(), g.PadL(), g.PadR(), attr);
+  dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training, algo, src,
+                                                g.AnyWeights(), dst, g.Strides(), g.Dilates(), g.PadL(), g.PadR(),
+                                                attr);
 #else
-  dnnl::convolution_forward::desc fwd_desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-                                           g.Src(), g.AnyWeights(), g.Dst(), g.Strides(), g.Dilates(), g.PadL(),
-                                           g.PadR());
+  dnnl::convolution_forward::desc fwd_desc(dnnl::prop_kind::forward_training, algo, src, g.AnyWeights(), dst,
+                                           g.Strides(), g.Dilates(), g.PadL(), g.PadR());
   dnnl::convolution_forward::primitive_desc fwd(fwd_desc, attr, Engine());
 #endif
   if (op == kForward) {
     e->primitive = dnnl::convolution_forward(fwd);
+    e->src = fwd.src_desc();
+    e->dst = fwd.dst_desc();
     e->weights = fwd.weights_desc();
     e->scratchpad = fwd.scratchpad_desc();
     e->impl = fwd.impl_info_str();
   } else if (op == kBackwardData) {
 #if DNNL_VERSION_MAJOR >= 3
-    dnnl::convolution_backward_data::primitive_desc pd(Engine(), dnnl::algorithm::convolution_direct, g.Src(),
-                                                       g.AnyWeights(), g.Dst(), g.Strides(), g.Dilates(), g.PadL(),
-                                                       g.PadR(), fwd, attr);
+    dnnl::convolution_backward_data::primitive_desc pd(Engine(), algo, src, g.AnyWeights(), dst, g.Strides(),
+                                                       g.Dilates(), g.PadL(), g.PadR(), fwd, attr);
 #else
-    dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
-                                            g.Strides(), g.Dilates(), g.PadL(), g.PadR());
+    dnnl::convolution_backward_data::desc d(algo, src, g.AnyWeights(), dst, g.Strides(), g.Dilates(), g.PadL(),
+                                            g.PadR());
     dnnl::convolution_backward_data::primitive_desc pd(d, attr, Engine(), fwd);
 #endif
     e->primitive = dnnl::convolution_backward_data(pd);
+    e->src = pd.diff_src_desc();
+    e->dst = pd.diff_dst_desc();
     e->weights = pd.weights_desc();
     e->scratchpad = pd.scratchpad_desc();
     e->impl = pd.impl_info_str();
   } else {
 #if DNNL_VERSION_MAJOR >= 3
-    dnnl::convolution_backward_weights::primitive_desc pd(Engine(), dnnl::algorithm::convolution_direct, g.Src(),
-                                                          g.AnyDiffWeights(), g.Dst(), g.Strides(), g.Dilates(),
-                                                          g.PadL(), g.PadR(), fwd, attr);
+    dnnl::convolution_backward_weights::primitive_desc pd(Engine(), algo, src, g.AnyDiffWeights(), dst,
+                                                          g.Strides(), g.Dilates(), g.PadL(), g.PadR(), fwd, attr);
 #else
-    dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.Src(), g.AnyDiffWeights(),
-                                               g.Dst(), g.Strides(), g.Dilates(), g.PadL(), g.PadR());
+    dnnl::convolution_backward_weights::desc d(algo, src, g.AnyDiffWeights(), dst, g.Strides(), g.Dilates(),
+                                               g.PadL(), g.PadR());
     dnnl::convolution_backward_weights::primitive_desc pd(d, attr, Engine(), fwd);
 #endif
     e->primitive = dnnl::convolution_backward_weights(pd);
+    e->src = pd.src_desc();
+    e->dst = pd.diff_dst_desc();
     e->weights = pd.diff_weights_desc();
     e->scratchpad = pd.scratchpad_desc();
     e->impl = pd.impl_info_str();
@@ -165,7 +221,29 @@ std::shared_ptr<Entry> Build(const Geometry& g, Op op) {
       e->reorder_scratchpad = pd.scratchpad_desc();
     }
   }
+  e->blocked = e->src != g.Src() || e->dst != g.Dst();
+  if (e->blocked) {  // plain layout changes, no scratchpad (checked: oneDNN gives them none)
+    auto make = [&](const memory::desc& from, const memory::desc& to) {
+      dnnl::reorder::primitive_desc pd(Engine(), from, Engine(), to, attr);
+      if (pd.scratchpad_desc().get_size() != 0) throw dnnl::error(dnnl_runtime_error, "reorder needs a scratchpad");
+      return dnnl::reorder(pd);
+    };
+    e->src_in = make(g.Src(), e->src);
+    e->dst_in = make(g.Dst(), e->dst);
+    e->src_out = make(e->src, g.Src());
+    e->dst_out = make(e->dst, g.Dst());
+  }
   return e;
+}
+
+std::shared_ptr<Entry> Build(const Geometry& g, Op op) {
+  if (g.Winograd()) {
+    try {
+      return BuildWith(g, op, dnnl::algorithm::convolution_winograd);
+    } catch (const dnnl::error&) {  // no Winograd kernel on this CPU or in this oneDNN: the direct one
+    }
+  }
+  return BuildWith(g, op, dnnl::algorithm::convolution_direct);
 }
 
 std::shared_ptr<Entry> Get(const Geometry& g, Op op) {
@@ -188,6 +266,22 @@ Geometry FromShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi:
 // One execution of op's primitive for geometry g on these buffers (x / dx, w / dw, y / dy as the op reads or
 // writes them; dw is float32 for every data type), on the calling thread's OpenMP team (g.threads of them).
 void Execute(const Geometry& g, Op op, void* x, void* w, void* y) {
+  if (g.Winograd() && g.Chunk() < g.n) {  // Winograd chunk by chunk, the filter gradient's chunks summed
+    Geometry chunk = g;
+    chunk.n = g.Chunk();
+    const int64_t bytes = 4, w_size = g.WeightsSize();  // Winograd runs float32 only
+    const int64_t x_step = chunk.n * g.h * g.w * g.cin * bytes, y_step = chunk.n * g.ho * g.wo * g.cout * bytes;
+    std::vector<float> part(op == kBackwardWeights ? w_size : 0);
+    for (int64_t i = 0; i < g.n / chunk.n; ++i) {
+      void* wi = op == kBackwardWeights && i > 0 ? part.data() : w;
+      Execute(chunk, op, static_cast<char*>(x) + i * x_step, wi, static_cast<char*>(y) + i * y_step);
+      if (op == kBackwardWeights && i > 0) {
+        float* sum = static_cast<float*>(w);
+        for (int64_t j = 0; j < w_size; ++j) sum[j] += part[j];
+      }
+    }
+    return;
+  }
   auto e = Get(g, op);
   dnnl::stream stream(Engine());
   memory user_w(op == kBackwardWeights ? g.UserDiffWeights() : g.UserWeights(), Engine(), w);
@@ -197,15 +291,26 @@ void Execute(const Geometry& g, Op op, void* x, void* w, void* y) {
     e->to_primitive.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, prim_w},
                                      {DNNL_ARG_SCRATCHPAD, reorder_scratchpad}});
   }
-  memory src(g.Src(), Engine(), x), dst(g.Dst(), Engine(), y);
+  memory user_src(g.Src(), Engine(), x), user_dst(g.Dst(), Engine(), y);
+  // Winograd's blocked copies of the activations (this call's own), else the user's buffers themselves.
+  memory src = e->blocked ? memory(e->src, Engine()) : user_src;
+  memory dst = e->blocked ? memory(e->dst, Engine()) : user_dst;
   memory scratchpad(e->scratchpad, Engine());  // this call's own (freed on return)
   if (op == kForward) {
+    if (e->blocked) e->src_in.execute(stream, user_src, src);
     e->primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DST, dst},
                                   {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    if (e->blocked) e->dst_out.execute(stream, dst, user_dst);
   } else if (op == kBackwardData) {
+    if (e->blocked) e->dst_in.execute(stream, user_dst, dst);
     e->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst},
                                   {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    if (e->blocked) e->src_out.execute(stream, src, user_src);
   } else {
+    if (e->blocked) {
+      e->src_in.execute(stream, user_src, src);
+      e->dst_in.execute(stream, user_dst, dst);
+    }
     e->primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst},
                                   {DNNL_ARG_SCRATCHPAD, scratchpad}});
     if (e->reorder) {

@@ -1,0 +1,109 @@
+"""Winograd F(4x4, 3x3) convolutions (csrc/onednn_conv.cc): which geometries take them, and that the forward pass,
+input gradient and filter gradient match float64 NumPy references as closely as the direct kernels do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcnn.backends.cpu import conv as fast_conv
+from jaxcnn.backends.cpu import kernels as onednn
+from reference_numpy import np_conv2d
+
+PAD1 = ((1, 1), (1, 1))
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512f" in f.read()
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not (onednn.available() and _has_avx512()),
+                                reason="oneDNN's Winograd kernels need the native library and an AVX-512 CPU")
+
+
+def geometry(n: int, hw: int, cin: int, cout: int, stride: int = 1) -> onednn.Geometry:
+    ho = (hw + 2 - 3) // stride + 1
+    return onednn.Geometry((n, hw, hw, cin), (3, 3, cin, cout), (n, ho, ho, cout), (stride, stride), PAD1, (1, 1), 1)
+
+
+def is_winograd(g: onednn.Geometry) -> bool:
+    names = onednn.implementations(g)
+    assert names is not None
+    kinds = {name.startswith("jit_wino") for name in names.values()}
+    assert len(kinds) == 1, names  # all three ops or none
+    return kinds.pop()
+
+
+def test_winograd_takes_wide_convolutions_with_whole_tiles():
+    assert is_winograd(geometry(128, 8, 64, 64))      # ResNet-20's third stage
+    assert is_winograd(geometry(128, 16, 32, 32))     # its second
+    assert is_winograd(geometry(16, 56, 64, 64))      # ResNet-18's first stage
+    assert not is_winograd(geometry(128, 32, 16, 16))  # 16 channels: slower than direct
+    assert not is_winograd(geometry(128, 7, 32, 64))   # 7x7 outputs: partial tiles, slower
+    assert not is_winograd(geometry(128, 16, 32, 32, stride=2))
+    assert not is_winograd(geometry(4, 8, 64, 64))    # 256 output pixels per call: too little work
+
+
+def conv3x3(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Stride-1, padding-1 3x3 cross-correlation in float64, one einsum per kernel tap (np_conv2d's loops, which
+    test_vectorised_reference_matches_the_loops checks it against, take a minute at these sizes)."""
+    x, k = np.asarray(x, np.float64), np.asarray(k, np.float64)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1:3]
+    return sum(np.einsum("nijc,co->nijo", xp[:, a:a + h, b:b + w], k[a, b]) for a in range(3) for b in range(3))
+
+
+def conv3x3_grads(x: np.ndarray, k: np.ndarray, ct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Input and filter gradients of `conv3x3`, in float64: the input gradient is the cotangent correlated with
+    the kernel flipped in space and transposed in channels; the filter gradient sums input windows x cotangent."""
+    x, k, ct = (np.asarray(a, np.float64) for a in (x, k, ct))
+    dx = conv3x3(ct, np.transpose(k[::-1, ::-1], (0, 1, 3, 2)))
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1:3]
+    dk = np.stack([np.stack([np.einsum("nijc,nijo->co", xp[:, a:a + h, b:b + w], ct) for b in range(3)])
+                   for a in range(3)])
+    return dx, dk
+
+
+def test_vectorised_reference_matches_the_loops():
+    rng = np.random.default_rng(0)
+    x, k = rng.standard_normal((2, 5, 4, 3)), rng.standard_normal((3, 3, 3, 2))
+    np.testing.assert_allclose(conv3x3(x, k), np_conv2d(x, k, 1, PAD1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,hw,c", [(160, 8, 32), (16, 16, 32)], ids=["chunked-8x8", "one-chunk-16x16"])
+def test_winograd_matches_float64_references(n, hw, c):
+    assert is_winograd(geometry(n, hw, c, c))
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, hw, hw, c)).astype(np.float32)
+    k = (rng.standard_normal((3, 3, c, c)) / np.sqrt(9 * c)).astype(np.float32)
+    ct = rng.standard_normal((n, hw, hw, c)).astype(np.float32)
+
+    def conv(x, k):
+        return fast_conv.conv2d(x, k, strides=(1, 1), padding=PAD1, dilation=(1, 1), groups=1)
+
+    y, vjp = jax.vjp(jax.jit(conv), jnp.asarray(x), jnp.asarray(k))
+    dx, dk = vjp(jnp.asarray(ct))
+    want_dx, want_dk = conv3x3_grads(x, k, ct)
+    for got, want in ((y, conv3x3(x, k)), (dx, want_dx), (dk, want_dk)):
+        err = np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
+        assert err < 1e-5, err  # measured 0.7-2e-6 (the direct kernels: 0.3-1e-6)
+
+
+def test_environment_turns_winograd_off():
+    code = ("from jaxcnn.backends.cpu import kernels as k; "
+            "g = k.Geometry((128, 8, 8, 64), (3, 3, 64, 64), (128, 8, 8, 64), (1, 1), ((1, 1), (1, 1)), (1, 1), 1); "
+            "print(sorted(k.implementations(g).values()))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAXCNN_WINOGRAD": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "wino" not in out and "avx512" in out, out
