@@ -49,7 +49,10 @@ def test_winograd_takes_wide_convolutions_with_whole_tiles():
     assert is_winograd(geometry(128, 16, 32, 32))     # its second
     assert is_winograd(geometry(16, 56, 64, 64))      # ResNet-18's first stage
     assert not is_winograd(geometry(128, 32, 16, 16))  # 16 channels: slower than direct
-    assert not is_winograd(geometry(128, 7, 32, 64))   # 7x7 outputs: partial tiles, slower
+    assert is_winograd(geometry(32, 7, 64, 64))       # partial tiles pay from 64 channels: 7x7 -> 8x8
+    assert is_winograd(geometry(16, 14, 256, 256))    # ResNet-18's third stage: 14x14 -> 16x16
+    assert not is_winograd(geometry(128, 7, 32, 64))   # 7x7 outputs with 32 channels: slower
+    assert not is_winograd(geometry(64, 6, 64, 64))    # 6x6 -> 8x8: too much padding
     assert not is_winograd(geometry(128, 16, 32, 32, stride=2))
     assert not is_winograd(geometry(4, 8, 64, 64))    # 256 output pixels per call: too little work
 
@@ -81,7 +84,8 @@ def test_vectorised_reference_matches_the_loops():
     np.testing.assert_allclose(conv3x3(x, k), np_conv2d(x, k, 1, PAD1), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("n,hw,c", [(160, 8, 32), (16, 16, 32)], ids=["chunked-8x8", "one-chunk-16x16"])
+@pytest.mark.parametrize("n,hw,c", [(160, 8, 32), (16, 16, 32), (32, 7, 64)],
+                         ids=["chunked-8x8", "one-chunk-16x16", "partial-tiles-7x7"])
 def test_winograd_matches_float64_references(n, hw, c):
     assert is_winograd(geometry(n, hw, c, c))
     rng = np.random.default_rng(n)

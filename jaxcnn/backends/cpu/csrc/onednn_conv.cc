@@ -18,23 +18,23 @@
 // ResNet-20's: 648 -> 686, in alternating A/B runs).
 //
 // oneDNN primitives are built once per geometry and kept in a process-wide cache (building one costs about a
-// millisecond; running one costs less than that for small layers). Primitives run with a scratchpad each call
-// allocates (oneDNN's default shares one buffer between threads: wrong results when XLA runs several CPU devices
+// millisecond; running one costs less than that for small layers). Primitives run with the calling thread's own
+// scratchpad (oneDNN's default shares one buffer between threads: wrong results when XLA runs several CPU devices
 // at once), so one primitive may run in several threads at the same time. Kernels are passed in HWIO and reordered
-// into the blocked layout oneDNN's JIT kernels want on every call (a few hundred KB at most); the filter gradient
-// is reordered back to HWIO.
+// into the blocked layout oneDNN's JIT kernels want on every call (a few MB at most); the filter gradient is
+// reordered back to HWIO.
 //
 // bfloat16 operands give bfloat16 results with float32 accumulation inside oneDNN (its AMX / AVX512-BF16 kernels,
 // as PyTorch's autocast runs them); the filter gradient is computed in float32 (slices summed in float32) and
 // rounded to bfloat16 once, to nearest even.
 //
 // Winograd: float32 3x3 convolutions with stride 1 and padding 1, at least kWinogradMinChannels channels in and
-// out (multiples of 16) and outputs of whole 4x4 tiles run as oneDNN's Winograd F(4x4, 3x3) (jit_wino_4x3,
-// AVX-512 only), which does 4x fewer multiplications; its kernels read and write the blocked nChw16c layout, so
-// each call reorders its NHWC activations in and out, chunk by chunk of at most kWinogradChunk images. The
-// same convolution with a different order of float32 sums: its error against a float64 reference is a few times
-// the direct kernels' (tests/backends/test_winograd.py). JAXCNN_WINOGRAD=0 turns it off (for A/B runs, or
-// results bit-identical to the direct kernels). Per-call figures are in benchmarks/README.md.
+// out (multiples of 16), and outputs of whole 4x4 tiles (nearly whole from kWinogradWideChannels) run as oneDNN's
+// Winograd F(4x4, 3x3) (jit_wino_4x3, AVX-512 only), which does 4x fewer multiplications; its kernels read and
+// write the blocked nChw16c layout, so each call reorders its NHWC activations in and out, chunk by chunk of at
+// most kWinogradChunk images. The same convolution with another order of float32 sums: its error against a
+// float64 reference is about twice the direct kernels' (tests/backends/test_winograd.py). JAXCNN_WINOGRAD=0 turns
+// it off (for A/B runs, or the direct kernels' results bit for bit). Figures: benchmarks/README.md.
 //
 // JaxcnnConvImpl(op, dims, error, error_len) builds (and caches) the primitive for a geometry and returns the
 // name of the implementation oneDNN picked, or nullptr with a message in `error`; jaxcnn calls it while tracing
@@ -47,6 +47,7 @@
 #include <exception>
 #include <map>
 #include <memory>
+#include <new>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -68,13 +69,15 @@ namespace {
 
 enum Op : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-// Winograd pays where the channels are many and the output splits into whole 4x4 tiles. Per call, one thread, from
+// Winograd pays where the channels are many and little of the output is tile padding. Per call, one thread, from
 // memory, ms direct / Winograd (forward, input gradient, filter gradient), 64 images unless said: 64 channels at
 // 8x8 1.71 / 1.41, 2.05 / 1.39, 1.94 / 1.40; 32 at 16x16 1.92 / 1.85, 2.15 / 1.87, 1.86 / 1.81; 64 at 56x56, 16
-// images, 19.9 / 14.5, 24.7 / 14.3, 23.5 / 14.7; 128 at 28x28, 16 images, 20.0 / 10.2, 22.4 / 10.4, 21.3 / 12.4.
-// Slower: 16 channels at 32x32 (2.36 / 3.35, 2.26 / 3.22, 2.18 / 2.56), 7x7 and 3x3 outputs (32 channels at 7x7,
-// 128 images: 0.68 / 0.92, 0.69 / 0.92, 0.71 / 1.11), 8 images of 8x8 (64 channels: 1.84 / 2.27).
+// images, 19.9 / 14.5, 24.7 / 14.3, 23.5 / 14.7; 256 at 14x14, 16 images, 20.9 / 14.5, 24.2 / 13.8, 24.7 / 16.5;
+// 64 at 7x7 1.38 / 1.31, 1.59 / 1.37, 1.48 / 1.28. Slower: 16 channels at 32x32 (2.36 / 3.35, 2.26 / 3.22,
+// 2.18 / 2.56), 32 at 7x7 (0.68 / 0.92, 0.69 / 0.92, 0.71 / 1.11), 64 at 6x6 (0.86 / 1.21, 1.08 / 1.24,
+// 1.13 / 1.19), 8 images of 8x8 (64 channels: 1.84 / 2.27).
 constexpr int64_t kWinogradMinChannels = 32;
+constexpr int64_t kWinogradWideChannels = 64;   // from here outputs of partial tiles (7x7, 14x14) pay too
 constexpr int64_t kWinogradChunk = 64;            // images per reorder + Winograd call, at most
 constexpr int64_t kWinogradMinChunkPixels = 1024;  // output pixels per call (chunk x Ho x Wo), at least
 
@@ -124,8 +127,15 @@ struct Geometry {
   bool Winograd() const {
     return WinogradEnabled() && !bf16 && groups == 1 && kh == 3 && kw == 3 && sh == 1 && sw == 1 && dh == 1 &&
            dw == 1 && pt == 1 && pb == 1 && pl == 1 && pr == 1 && cin % 16 == 0 && cout % 16 == 0 &&
-           std::min(cin, cout) >= kWinogradMinChannels && ho % 4 == 0 && wo % 4 == 0 &&
+           std::min(cin, cout) >= kWinogradMinChannels && TilesPay() &&
            Chunk() * ho * wo >= kWinogradMinChunkPixels;
+  }
+  // Whether the output's rows and columns, padded up to whole 4x4 tiles, waste little enough: none below
+  // kWinogradWideChannels, at most 1/7 more per side from there (7x7 and 14x14 outputs: 8 and 16).
+  bool TilesPay() const {
+    auto tiled = [](int64_t v) { return (v + 3) / 4 * 4; };
+    if (std::min(cin, cout) < kWinogradWideChannels) return ho % 4 == 0 && wo % 4 == 0;
+    return 7 * tiled(ho) <= 8 * ho && 7 * tiled(wo) <= 8 * wo;
   }
 };
 
@@ -133,7 +143,7 @@ using jaxcnn::Engine;
 
 struct Entry {
   dnnl::primitive primitive;
-  memory::desc scratchpad;     // user mode: each call allocates its own (see Build)
+  memory::desc scratchpad;     // user mode: each thread passes its own (see Build, ThreadBuffers)
   memory::desc reorder_scratchpad;
   memory::desc weights;        // the kernel layout the primitive reads (or writes, for the filter gradient)
   bool reorder = false;        // whether that layout differs from HWIO
@@ -263,6 +273,43 @@ Geometry FromShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi:
                   p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], type == ffi::DataType::BF16};
 }
 
+// The calling thread's working memory for one primitive at a time: the blocked kernel, oneDNN's scratchpads and
+// Winograd's blocked activations, each slot kept and grown to the largest size asked for. A fresh allocation per
+// call pays its page faults every time (Winograd's scratchpad for 16 images of 56x56x64 is tens of MB), and a
+// buffer per thread is never shared: XLA runs several devices' convolutions at once on different threads, and a
+// thread runs one primitive at a time.
+enum Slot { kWeightsSlot, kReorderScratchpadSlot, kSrcSlot, kDstSlot, kScratchpadSlot, kSlots };
+
+class ThreadBuffers {
+ public:
+  memory Memory(Slot slot, const memory::desc& desc) {
+    const size_t bytes = desc.get_size();
+    Buffer& b = slots_[slot];
+    if (bytes > b.size) {
+      b.data.reset();
+      b.data.reset(static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
+      if (b.data == nullptr) throw std::bad_alloc();
+      b.size = bytes;
+    }
+    return memory(desc, Engine(), bytes > 0 ? b.data.get() : nullptr);
+  }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  struct Buffer {
+    std::unique_ptr<char, Free> data;
+    size_t size = 0;
+  };
+  Buffer slots_[kSlots];
+};
+
+ThreadBuffers& Buffers() {
+  thread_local ThreadBuffers buffers;
+  return buffers;
+}
+
 // One execution of op's primitive for geometry g on these buffers (x / dx, w / dw, y / dy as the op reads or
 // writes them; dw is float32 for every data type), on the calling thread's OpenMP team (g.threads of them).
 void Execute(const Geometry& g, Op op, void* x, void* w, void* y) {
@@ -285,17 +332,18 @@ void Execute(const Geometry& g, Op op, void* x, void* w, void* y) {
   auto e = Get(g, op);
   dnnl::stream stream(Engine());
   memory user_w(op == kBackwardWeights ? g.UserDiffWeights() : g.UserWeights(), Engine(), w);
-  memory prim_w = e->reorder ? memory(e->weights, Engine()) : user_w;
-  memory reorder_scratchpad(e->reorder_scratchpad, Engine());
+  ThreadBuffers& buffers = Buffers();
+  memory prim_w = e->reorder ? buffers.Memory(kWeightsSlot, e->weights) : user_w;
+  memory reorder_scratchpad = buffers.Memory(kReorderScratchpadSlot, e->reorder_scratchpad);
   if (e->reorder && op != kBackwardWeights) {
     e->to_primitive.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, prim_w},
                                      {DNNL_ARG_SCRATCHPAD, reorder_scratchpad}});
   }
   memory user_src(g.Src(), Engine(), x), user_dst(g.Dst(), Engine(), y);
-  // Winograd's blocked copies of the activations (this call's own), else the user's buffers themselves.
-  memory src = e->blocked ? memory(e->src, Engine()) : user_src;
-  memory dst = e->blocked ? memory(e->dst, Engine()) : user_dst;
-  memory scratchpad(e->scratchpad, Engine());  // this call's own (freed on return)
+  // Winograd's blocked copies of the activations, else the user's buffers themselves.
+  memory src = e->blocked ? buffers.Memory(kSrcSlot, e->src) : user_src;
+  memory dst = e->blocked ? buffers.Memory(kDstSlot, e->dst) : user_dst;
+  memory scratchpad = buffers.Memory(kScratchpadSlot, e->scratchpad);
   if (op == kForward) {
     if (e->blocked) e->src_in.execute(stream, user_src, src);
     e->primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DST, dst},
