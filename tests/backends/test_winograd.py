@@ -111,3 +111,32 @@ def test_environment_turns_winograd_off():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAXCNN_WINOGRAD": "0"},
                          capture_output=True, text=True, check=True).stdout
     assert "wino" not in out and "avx512" in out, out
+
+
+def test_devices_running_winograd_at_once_get_their_own_results():
+    """pmap over the CPU devices runs one Winograd call per device in parallel threads, each with its thread's own
+    scratchpad and blocked buffers: every device's gradients match the float64 reference and repeat bit for bit."""
+    n_dev = jax.local_device_count()
+    if n_dev < 2:
+        pytest.skip("needs several CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    g = geometry(16, 8, 32, 32)
+    g_dev = onednn.Geometry(g.x_shape, g.kernel_shape, g.y_shape, g.strides, g.padding, g.dilation, g.groups,
+                            threads=1)
+    assert is_winograd(g_dev)
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((n_dev, 16, 8, 8, 32)).astype(np.float32)
+    k = (rng.standard_normal((3, 3, 32, 32)) / np.sqrt(9 * 32)).astype(np.float32)
+    cts = rng.standard_normal((n_dev, 16, 8, 8, 32)).astype(np.float32)
+
+    def grads(x, k, ct):
+        _, vjp = jax.vjp(lambda x, k: fast_conv.conv2d(x, k, strides=(1, 1), padding=PAD1, dilation=(1, 1),
+                                                       groups=1), x, k)
+        return vjp(ct)
+
+    runs = [jax.pmap(grads, in_axes=(0, None, 0))(xs, k, cts) for _ in range(2)]
+    for d in range(n_dev):
+        want_dx, want_dk = conv3x3_grads(xs[d], k, cts[d])
+        for got, want in ((runs[0][0][d], want_dx), (runs[0][1][d], want_dk)):
+            assert np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)) < 1e-5
+    for a, b in zip(runs[1], runs[0]):
+        np.testing.assert_array_equal(a, b)
