@@ -104,11 +104,12 @@ def test_winograd_matches_float64_references(n, hw, c):
         assert err < 1e-5, err  # measured 0.7-2e-6 (the direct kernels: 0.3-1e-6)
 
 
-def test_environment_turns_winograd_off():
+@pytest.mark.parametrize("value", ["0", " Off "])
+def test_environment_turns_winograd_off(value):
     code = ("from jaxcnn.backends.cpu import kernels as k; "
             "g = k.Geometry((128, 8, 8, 64), (3, 3, 64, 64), (128, 8, 8, 64), (1, 1), ((1, 1), (1, 1)), (1, 1), 1); "
             "print(sorted(k.implementations(g).values()))")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAXCNN_WINOGRAD": "0"},
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAXCNN_WINOGRAD": value},
                          capture_output=True, text=True, check=True).stdout
     assert "wino" not in out and "avx512" in out, out
 

@@ -41,6 +41,7 @@
 // and keeps XLA's convolution for geometries oneDNN would run with its slow reference implementation.
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -81,10 +82,16 @@ constexpr int64_t kWinogradWideChannels = 64;   // from here outputs of partial 
 constexpr int64_t kWinogradChunk = 64;            // images per reorder + Winograd call, at most
 constexpr int64_t kWinogradMinChunkPixels = 1024;  // output pixels per call (chunk x Ho x Wo), at least
 
+// JAXCNN_WINOGRAD, read once: 0 / false / no / off (any case, as JAXCNN_ONEDNN) turn Winograd off.
 bool WinogradEnabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("JAXCNN_WINOGRAD");
-    return v == nullptr || std::string(v) != "0";
+    if (v == nullptr) return true;
+    std::string s(v);
+    s.erase(0, s.find_first_not_of(" \t"));
+    s.erase(s.find_last_not_of(" \t") + 1);
+    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+    return !(s == "0" || s == "false" || s == "no" || s == "off");
   }();
   return enabled;
 }
