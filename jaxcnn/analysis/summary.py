@@ -244,8 +244,8 @@ def summary(
         # A conv called with split_bias returns (output without bias, bias): the output is the layer's map.
         out = result[0] if isinstance(result, tuple) and kw.get("split_bias") else result
         record["passthrough"] = out is x_in  # identity shortcuts, dropout at evaluation
-        record["pool_window"] = kw.get("max_pool_window")  # a BatchNorm that also max-pools its output
-        record["rf"] = trace.module_output(module, x_in, out, start, record["pool_window"])
+        # max_pool_window: a BatchNorm that also max-pools its output
+        record["rf"] = trace.module_output(module, x_in, out, start, kw.get("max_pool_window"))
         record["input_shape"] = tuple(x_in.shape) if hasattr(x_in, "shape") else None
         record["output_shape"] = tuple(out.shape) if hasattr(out, "shape") else None
         return result

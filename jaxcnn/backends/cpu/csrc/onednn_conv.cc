@@ -118,6 +118,9 @@ struct Geometry {
   memory::desc UserDiffWeights() const { return Weights(false, dt::f32); }
   memory::desc AnyDiffWeights() const { return Weights(true, dt::f32); }
   int64_t WeightsSize() const { return kh * kw * (cin / groups) * cout; }
+  // Bytes of one image of x and of y (the step between batch slices).
+  int64_t XImageBytes() const { return h * w * cin * (bf16 ? 2 : 4); }
+  int64_t YImageBytes() const { return ho * wo * cout * (bf16 ? 2 : 4); }
   memory::dims Strides() const { return {sh, sw}; }
   memory::dims Dilates() const { return {dh - 1, dw - 1}; }  // oneDNN counts the gaps, JAX the step
   memory::dims PadL() const { return {pt, pl}; }
@@ -317,22 +320,23 @@ ThreadBuffers& Buffers() {
   return buffers;
 }
 
+// sum += part, n floats (filter gradients of batch slices).
+void AddInto(float* sum, const float* part, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) sum[j] += part[j];
+}
+
 // One execution of op's primitive for geometry g on these buffers (x / dx, w / dw, y / dy as the op reads or
 // writes them; dw is float32 for every data type), on the calling thread's OpenMP team (g.threads of them).
 void Execute(const Geometry& g, Op op, void* x, void* w, void* y) {
   if (g.Winograd() && g.Chunk() < g.n) {  // Winograd chunk by chunk, the filter gradient's chunks summed
     Geometry chunk = g;
     chunk.n = g.Chunk();
-    const int64_t bytes = 4, w_size = g.WeightsSize();  // Winograd runs float32 only
-    const int64_t x_step = chunk.n * g.h * g.w * g.cin * bytes, y_step = chunk.n * g.ho * g.wo * g.cout * bytes;
-    std::vector<float> part(op == kBackwardWeights ? w_size : 0);
+    const int64_t x_step = chunk.n * g.XImageBytes(), y_step = chunk.n * g.YImageBytes();
+    std::vector<float> part(op == kBackwardWeights ? g.WeightsSize() : 0);
     for (int64_t i = 0; i < g.n / chunk.n; ++i) {
       void* wi = op == kBackwardWeights && i > 0 ? part.data() : w;
       Execute(chunk, op, static_cast<char*>(x) + i * x_step, wi, static_cast<char*>(y) + i * y_step);
-      if (op == kBackwardWeights && i > 0) {
-        float* sum = static_cast<float*>(w);
-        for (int64_t j = 0; j < w_size; ++j) sum[j] += part[j];
-      }
+      if (op == kBackwardWeights && i > 0) AddInto(static_cast<float*>(w), part.data(), g.WeightsSize());
     }
     return;
   }
@@ -401,8 +405,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, Op op, void* x, void* w
       slice.n = g.n / slices;
       slice.threads = 1;
       Get(slice, op);  // built once, before the threads use it
-      const int64_t bytes = g.bf16 ? 2 : 4;
-      const int64_t x_step = slice.n * g.h * g.w * g.cin * bytes, y_step = slice.n * g.ho * g.wo * g.cout * bytes;
+      const int64_t x_step = slice.n * g.XImageBytes(), y_step = slice.n * g.YImageBytes();
       char* xb = static_cast<char*>(x);
       char* yb = static_cast<char*>(y);
       std::vector<float> partial(op == kBackwardWeights ? (slices - 1) * w_size : 0);
@@ -412,10 +415,8 @@ ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, Op op, void* x, void* w
           Execute(slice, op, xb + i * x_step, wi, yb + i * y_step);
         }
       }, /*per_thread=*/1);
-      float* sum = static_cast<float*>(dw);
       for (int64_t i = 1; i < slices && op == kBackwardWeights; ++i) {
-        const float* part = partial.data() + (i - 1) * w_size;
-        for (int64_t j = 0; j < w_size; ++j) sum[j] += part[j];
+        AddInto(static_cast<float*>(dw), partial.data() + (i - 1) * w_size, w_size);
       }
     }
     if (!dw_f32.empty()) {
