@@ -274,9 +274,9 @@ def test_devices_running_at_once_get_their_own_results():
     with onednn.xla_convolutions():
         want = [jax.jit(lambda x, k: jax.grad(lambda x, k: jnp.sum(jnp.tanh(fast(x, k)) ** 2), (0, 1))(x, k))(x, k)
                 for x in xs]
-    for d in range(8):
-        np.testing.assert_allclose(runs[0][1][d], want[d][1], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(runs[0][0][d], want[d][0], rtol=1e-4, atol=1e-4)
+    for d in range(8):  # 16 channels of whole 4x4 tiles run as Winograd: errors scale with the largest value
+        for got, ref in ((runs[0][1][d], want[d][1]), (runs[0][0][d], want[d][0])):
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=3e-5 * float(np.max(np.abs(ref))))
     for again in runs[1:]:
         for a, b in zip(again, runs[0]):
             np.testing.assert_array_equal(a, b)

@@ -1,5 +1,6 @@
-"""Winograd F(4x4, 3x3) convolutions (csrc/onednn_conv.cc): which geometries take them, and that the forward pass,
-input gradient and filter gradient match float64 NumPy references as closely as the direct kernels do."""
+"""Winograd F(4x4, 3x3) convolutions, oneDNN's (csrc/onednn_conv.cc) and jaxcnn's own for layers of up to 64
+channels (csrc/winograd.cc): which geometries take which, and that the forward pass, input gradient and filter
+gradient match float64 NumPy references about as closely as the direct kernels do."""
 
 from __future__ import annotations
 
@@ -36,25 +37,49 @@ def geometry(n: int, hw: int, cin: int, cout: int, stride: int = 1) -> onednn.Ge
     return onednn.Geometry((n, hw, hw, cin), (3, 3, cin, cout), (n, ho, ho, cout), (stride, stride), PAD1, (1, 1), 1)
 
 
-def is_winograd(g: onednn.Geometry) -> bool:
+OWN = "jaxcnn_winograd_f4x4_3x3"
+
+
+def kinds(g: onednn.Geometry) -> dict[str, str]:
+    """'own', 'onednn' (oneDNN's Winograd) or 'direct', per op of `g`."""
     names = onednn.implementations(g)
     assert names is not None
-    kinds = {name.startswith("jit_wino") for name in names.values()}
-    assert len(kinds) == 1, names  # all three ops or none
-    return kinds.pop()
+    return {op: "own" if name == OWN else "onednn" if name.startswith("jit_wino") else "direct"
+            for op, name in names.items()}
 
 
-def test_winograd_takes_wide_convolutions_with_whole_tiles():
-    assert is_winograd(geometry(128, 8, 64, 64))      # ResNet-20's third stage
-    assert is_winograd(geometry(128, 16, 32, 32))     # its second
-    assert is_winograd(geometry(16, 56, 64, 64))      # ResNet-18's first stage
-    assert not is_winograd(geometry(128, 32, 16, 16))  # 16 channels: slower than direct
+def is_winograd(g: onednn.Geometry) -> bool:
+    """Whether all three ops of `g` run oneDNN's Winograd (and not if none does)."""
+    found = set(kinds(g).values())
+    assert found in ({"onednn"}, {"direct"}), found
+    return found == {"onednn"}
+
+
+ALL_OWN = {"forward": "own", "backward_data": "own", "backward_weights": "own"}
+
+
+def test_own_winograd_takes_layers_of_up_to_64_channels_with_whole_tiles():
+    assert kinds(geometry(128, 32, 16, 16)) == ALL_OWN  # ResNet-20's first stage
+    assert kinds(geometry(128, 16, 32, 32)) == ALL_OWN  # its second
+    assert kinds(geometry(1, 4, 16, 16)) == ALL_OWN     # one tile
+    # Filter gradients of more than 32 channels: oneDNN's Winograd where it takes them, else direct.
+    assert kinds(geometry(128, 8, 64, 64)) == {**ALL_OWN, "backward_weights": "onednn"}  # its third
+    assert kinds(geometry(16, 56, 64, 64)) == {**ALL_OWN, "backward_weights": "onednn"}  # ResNet-18's first
+    assert kinds(geometry(8, 32, 16, 48)) == {**ALL_OWN, "backward_weights": "direct"}   # in and out differ
+    assert set(kinds(geometry(32, 7, 64, 64)).values()) == {"onednn"}  # 7x7: partial tiles
+    assert set(kinds(geometry(16, 8, 128, 128)).values()) == {"onednn"}  # more than 64 channels
+    assert set(kinds(geometry(16, 8, 24, 24)).values()) == {"direct"}  # not a multiple of 16
+    assert set(kinds(geometry(128, 16, 32, 32, stride=2)).values()) == {"direct"}
+
+
+def test_onednn_winograd_takes_wide_convolutions():
     assert is_winograd(geometry(32, 7, 64, 64))       # partial tiles pay from 64 channels: 7x7 -> 8x8
     assert is_winograd(geometry(16, 14, 256, 256))    # ResNet-18's third stage: 14x14 -> 16x16
+    assert is_winograd(geometry(16, 8, 128, 128))
     assert not is_winograd(geometry(128, 7, 32, 64))   # 7x7 outputs with 32 channels: slower
     assert not is_winograd(geometry(64, 6, 64, 64))    # 6x6 -> 8x8: too much padding
     assert not is_winograd(geometry(128, 16, 32, 32, stride=2))
-    assert not is_winograd(geometry(4, 8, 64, 64))    # 256 output pixels per call: too little work
+    assert not is_winograd(geometry(4, 8, 128, 128))  # 256 output pixels per call: too little work
 
 
 def conv3x3(x: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -84,24 +109,45 @@ def test_vectorised_reference_matches_the_loops():
     np.testing.assert_allclose(conv3x3(x, k), np_conv2d(x, k, 1, PAD1), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("n,hw,c", [(160, 8, 32), (16, 16, 32), (32, 7, 64)],
+def check_against_float64(n: int, hw: int, cin: int, cout: int) -> None:
+    """Forward, input and filter gradients of one jitted convolution against `conv3x3` and `conv3x3_grads`: the
+    largest error within 1e-5 of the largest value, and a second run equal bit for bit."""
+    rng = np.random.default_rng(n * 1000 + hw)
+    x = rng.standard_normal((n, hw, hw, cin)).astype(np.float32)
+    k = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+    ct = rng.standard_normal((n, hw, hw, cout)).astype(np.float32)
+
+    @jax.jit
+    def run(x, k, ct):
+        y, vjp = jax.vjp(lambda x, k: fast_conv.conv2d(x, k, strides=(1, 1), padding=PAD1, dilation=(1, 1),
+                                                       groups=1), x, k)
+        return (y, *vjp(ct))
+
+    got = run(x, k, ct)
+    want_dx, want_dk = conv3x3_grads(x, k, ct)
+    for g, want in zip(got, (conv3x3(x, k), want_dx, want_dk)):
+        err = np.max(np.abs(np.asarray(g, np.float64) - want)) / np.max(np.abs(want))
+        assert err < 1e-5, err  # measured 0.7-7e-6 (the direct kernels: 0.3-1e-6)
+    for a, b in zip(run(x, k, ct), got):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n,hw,c", [(160, 8, 128), (16, 16, 96), (32, 7, 64)],
                          ids=["chunked-8x8", "one-chunk-16x16", "partial-tiles-7x7"])
 def test_winograd_matches_float64_references(n, hw, c):
     assert is_winograd(geometry(n, hw, c, c))
-    rng = np.random.default_rng(n)
-    x = rng.standard_normal((n, hw, hw, c)).astype(np.float32)
-    k = (rng.standard_normal((3, 3, c, c)) / np.sqrt(9 * c)).astype(np.float32)
-    ct = rng.standard_normal((n, hw, hw, c)).astype(np.float32)
+    check_against_float64(n, hw, c, c)
 
-    def conv(x, k):
-        return fast_conv.conv2d(x, k, strides=(1, 1), padding=PAD1, dilation=(1, 1), groups=1)
 
-    y, vjp = jax.vjp(jax.jit(conv), jnp.asarray(x), jnp.asarray(k))
-    dx, dk = vjp(jnp.asarray(ct))
-    want_dx, want_dk = conv3x3_grads(x, k, ct)
-    for got, want in ((y, conv3x3(x, k)), (dx, want_dx), (dk, want_dk)):
-        err = np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
-        assert err < 1e-5, err  # measured 0.7-2e-6 (the direct kernels: 0.3-1e-6)
+@pytest.mark.parametrize("n,hw,cin,cout", [(6, 32, 16, 16), (3, 16, 32, 16), (5, 8, 64, 64), (1, 4, 16, 48),
+                                           (2, 12, 48, 32)],
+                         ids=["resnet20-stage1", "odd-batch-32-to-16", "resnet20-stage3", "one-tile-16-to-48",
+                              "3x3-tiles-48-to-32"])
+def test_own_winograd_matches_float64_references(n, hw, cin, cout):
+    """Batches split unevenly over the threads (3 images: 1 + 2), one image, and every channel count the kernels
+    take (16, 32, 48, 64), in and out different (each case's filter gradient runs whichever kernel `kinds` says)."""
+    assert kinds(geometry(n, hw, cin, cout))["forward"] == "own"
+    check_against_float64(n, hw, cin, cout)
 
 
 @pytest.mark.parametrize("value", ["0", " Off "])
@@ -114,20 +160,21 @@ def test_environment_turns_winograd_off(value):
     assert "wino" not in out and "avx512" in out, out
 
 
-def test_devices_running_winograd_at_once_get_their_own_results():
+@pytest.mark.parametrize("c", [32, 128], ids=["own", "onednn"])
+def test_devices_running_winograd_at_once_get_their_own_results(c):
     """pmap over the CPU devices runs one Winograd call per device in parallel threads, each with its thread's own
     scratchpad and blocked buffers: every device's gradients match the float64 reference and repeat bit for bit."""
     n_dev = jax.local_device_count()
     if n_dev < 2:
         pytest.skip("needs several CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-    g = geometry(16, 8, 32, 32)
+    g = geometry(16, 8, c, c)
     g_dev = onednn.Geometry(g.x_shape, g.kernel_shape, g.y_shape, g.strides, g.padding, g.dilation, g.groups,
                             threads=1)
-    assert is_winograd(g_dev)
+    assert kinds(g_dev) == ALL_OWN if c == 32 else is_winograd(g_dev)
     rng = np.random.default_rng(3)
-    xs = rng.standard_normal((n_dev, 16, 8, 8, 32)).astype(np.float32)
-    k = (rng.standard_normal((3, 3, 32, 32)) / np.sqrt(9 * 32)).astype(np.float32)
-    cts = rng.standard_normal((n_dev, 16, 8, 8, 32)).astype(np.float32)
+    xs = rng.standard_normal((n_dev, 16, 8, 8, c)).astype(np.float32)
+    k = (rng.standard_normal((3, 3, c, c)) / np.sqrt(9 * c)).astype(np.float32)
+    cts = rng.standard_normal((n_dev, 16, 8, 8, c)).astype(np.float32)
 
     def grads(x, k, ct):
         _, vjp = jax.vjp(lambda x, k: fast_conv.conv2d(x, k, strides=(1, 1), padding=PAD1, dilation=(1, 1),

@@ -28,16 +28,18 @@
 // as PyTorch's autocast runs them); the filter gradient is computed in float32 (slices summed in float32) and
 // rounded to bfloat16 once, to nearest even.
 //
-// Winograd: float32 3x3 convolutions with stride 1 and padding 1, at least kWinogradMinChannels channels in and
-// out (multiples of 16), and outputs of whole 4x4 tiles (nearly whole from kWinogradWideChannels) run as oneDNN's
-// Winograd F(4x4, 3x3) (jit_wino_4x3, AVX-512 only), which does 4x fewer multiplications; its kernels read and
+// Winograd: float32 3x3 convolutions with stride 1 and padding 1, channels in and out multiples of 16 up to
+// kOwnWinogradChannels and outputs of whole 4x4 tiles run as jaxcnn's own Winograd F(4x4, 3x3) on NHWC (winograd.h;
+// the filter gradient up to kOwnWinogradGradChannels), on AVX-512 CPUs. Of the others, those with at least
+// kWinogradMinChannels channels in and out (multiples of 16) and outputs of whole 4x4 tiles (nearly whole from
+// kWinogradWideChannels) run as oneDNN's Winograd F(4x4, 3x3) (jit_wino_4x3, AVX-512 only), which does 4x fewer multiplications; its kernels read and
 // write the blocked nChw16c layout, so each call reorders its NHWC activations in and out, chunk by chunk of at
 // most kWinogradChunk images. The same convolution with another order of float32 sums: its error against a
 // float64 reference is about twice the direct kernels' (tests/backends/test_winograd.py). JAXCNN_WINOGRAD=0 turns
-// it off (for A/B runs, or the direct kernels' results bit for bit). Figures: benchmarks/README.md.
+// both off (for A/B runs, or the direct kernels' results bit for bit). Figures: benchmarks/README.md.
 //
 // JaxcnnConvImpl(op, dims, error, error_len) builds (and caches) the primitive for a geometry and returns the
-// name of the implementation oneDNN picked, or nullptr with a message in `error`; jaxcnn calls it while tracing
+// name of the implementation oneDNN picked ("jaxcnn_winograd_f4x4_3x3" for jaxcnn's own Winograd), or nullptr with a message in `error`; jaxcnn calls it while tracing
 // and keeps XLA's convolution for geometries oneDNN would run with its slow reference implementation.
 
 #include <algorithm>
@@ -59,6 +61,7 @@
 #include "bfloat16.h"
 #include "onednn_common.h"
 #include "parallel_for.h"
+#include "winograd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -77,6 +80,13 @@ enum Op : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 // 64 at 7x7 1.38 / 1.31, 1.59 / 1.37, 1.48 / 1.28. Slower: 16 channels at 32x32 (2.36 / 3.35, 2.26 / 3.22,
 // 2.18 / 2.56), 32 at 7x7 (0.68 / 0.92, 0.69 / 0.92, 0.71 / 1.11), 64 at 6x6 (0.86 / 1.21, 1.08 / 1.24,
 // 1.13 / 1.19), 8 images of 8x8 (64 channels: 1.84 / 2.27).
+// jaxcnn's own Winograd (winograd.h) against the direct kernels, per call, one thread, 64 images, ms (forward,
+// input gradient, filter gradient): 16 channels at 32x32 1.93 / 1.47, 2.01 / 1.46, 1.71 / 1.62; 32 at 16x16 1.59 /
+// 1.12, 1.71 / 1.14, 1.68 / 1.24; 64 at 8x8 1.53 / 0.90, 1.69 / 0.97, 1.65 / 1.14. In ResNet-20's step its 64-channel
+// filter gradient was no faster than oneDNN's Winograd (profiled convolution time 96.9 against 93.5 ms), so that
+// one stays oneDNN's.
+constexpr int64_t kOwnWinogradChannels = 64;
+constexpr int64_t kOwnWinogradGradChannels = 32;
 constexpr int64_t kWinogradMinChannels = 32;
 constexpr int64_t kWinogradWideChannels = 64;   // from here outputs of partial tiles (7x7, 14x14) pay too
 constexpr int64_t kWinogradChunk = 64;            // images per reorder + Winograd call, at most
@@ -139,6 +149,14 @@ struct Geometry {
            dw == 1 && pt == 1 && pb == 1 && pl == 1 && pr == 1 && cin % 16 == 0 && cout % 16 == 0 &&
            std::min(cin, cout) >= kWinogradMinChannels && TilesPay() &&
            Chunk() * ho * wo >= kWinogradMinChunkPixels;
+  }
+  // Whether op runs as jaxcnn's own Winograd (winograd.h): up to kOwnWinogradChannels channels in and out
+  // (kOwnWinogradGradChannels for the filter gradient), outputs of whole 4x4 tiles.
+  bool OwnWinograd(Op op) const {
+    const int64_t most = op == kBackwardWeights ? kOwnWinogradGradChannels : kOwnWinogradChannels;
+    return WinogradEnabled() && !bf16 && groups == 1 && kh == 3 && kw == 3 && sh == 1 && sw == 1 && dh == 1 &&
+           dw == 1 && pt == 1 && pb == 1 && pl == 1 && pr == 1 && cin % 16 == 0 && cout % 16 == 0 &&
+           std::max(cin, cout) <= most && ho % 4 == 0 && wo % 4 == 0 && jaxcnn::winograd::Supported();
   }
   // Whether the output's rows and columns, padded up to whole 4x4 tiles, waste little enough: none below
   // kWinogradWideChannels, at most 1/7 more per side from there (7x7 and 14x14 outputs: 8 and 16).
@@ -390,8 +408,52 @@ int64_t Slices(const Geometry& g, ffi::ThreadPool& pool) {
   return t > 1 && g.n % t == 0 ? t : 1;
 }
 
+// An OwnWinograd geometry: images in one contiguous part per thread of XLA's pool (threads == 0; else all on the
+// calling thread), the kernel transformed once by the caller, the filter gradient's parts (double) summed in part
+// order, so the result never depends on which thread ran which part.
+void RunOwnWinograd(ffi::ThreadPool& pool, const Geometry& g, Op op, float* x, float* w, float* y) {
+  namespace wg = jaxcnn::winograd;
+  const int64_t parts = g.threads == 0 ? std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), g.n)) : 1;
+  std::vector<int64_t> offsets(parts + 1);
+  for (int64_t i = 0; i <= parts; ++i) offsets[i] = i;
+  const int64_t x_image = g.h * g.w * g.cin, y_image = g.ho * g.wo * g.cout;
+  auto first = [&](int64_t part) { return part * g.n / parts; };
+  const int64_t values = wg::KernelValues(g.cin, g.cout);
+  if (op == kBackwardWeights) {
+    std::vector<double> du(parts * values, 0.0);
+    jaxcnn::ParallelForGroups(pool, offsets, [&](int64_t i) {
+      wg::FilterGradTransformed(x + first(i) * x_image, y + first(i) * y_image, du.data() + i * values,
+                                first(i + 1) - first(i), g.h, g.w, g.cin, g.cout);
+    });
+    for (int64_t i = 1; i < parts; ++i) {
+      for (int64_t j = 0; j < values; ++j) du[j] += du[i * values + j];
+    }
+    wg::FinishFilterGrad(du.data(), g.cin, g.cout, w);
+    return;
+  }
+  std::vector<float> u(values);
+  if (op == kForward) {
+    wg::TransformKernel(w, g.cin, g.cout, u.data());
+  } else {
+    wg::TransformKernelForInputGrad(w, g.cin, g.cout, u.data());
+  }
+  const bool fwd = op == kForward;
+  jaxcnn::ParallelForGroups(pool, offsets, [&](int64_t i) {
+    const int64_t n = first(i + 1) - first(i);
+    if (fwd) {
+      wg::Convolve(x + first(i) * x_image, u.data(), y + first(i) * y_image, n, g.h, g.w, g.cin, g.cout);
+    } else {
+      wg::Convolve(y + first(i) * y_image, u.data(), x + first(i) * x_image, n, g.h, g.w, g.cout, g.cin);
+    }
+  });
+}
+
 ffi::Error Run(ffi::ThreadPool& pool, const Geometry& g, Op op, void* x, void* w, void* y) {
   try {
+    if (g.OwnWinograd(op)) {
+      RunOwnWinograd(pool, g, op, static_cast<float*>(x), static_cast<float*>(w), static_cast<float*>(y));
+      return ffi::Error::Success();
+    }
     const int64_t slices = Slices(g, pool);
     const int64_t w_size = g.WeightsSize();
     // The filter gradient in float32: written in place for float32, else into a buffer rounded at the end.
@@ -480,6 +542,8 @@ extern "C" const char* JaxcnnConvImpl(int64_t op, const int64_t* d, char* error,
   Geometry g{d[0],  d[1],  d[2],  d[3],  d[4],  d[5],  d[6],  d[7],  d[8], d[9],
              d[10], d[11], d[12], d[13], d[14], d[15], d[16], d[17], d[18], d[19]};
   try {
+    static const char* const kOwnWinograd = "jaxcnn_winograd_f4x4_3x3";
+    if (g.OwnWinograd(static_cast<Op>(op))) return kOwnWinograd;
     return Get(g, static_cast<Op>(op))->impl.c_str();  // cache entries live as long as the process
   } catch (const std::exception& err) {
     jaxcnn::CopyError(err, error, error_len);
