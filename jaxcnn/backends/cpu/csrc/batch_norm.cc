@@ -47,6 +47,7 @@
 #include <exception>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -278,6 +279,218 @@ JAXCNN_INLINE void GradRowsT(const T* x, const T* res, const T* dy, T* dx, T* dr
 JAXCNN_KERNELS(float, F32)
 JAXCNN_KERNELS(uint16_t, BF16)
 
+// The bfloat16 loops in AVX-512 for C a multiple of 16 (so every tile is whole vectors): the portable loops'
+// arithmetic and order of sums, 16 values at a time, with the conversions as vector integer operations (Widen and
+// Narrow's, bit for bit). GCC leaves the portable bfloat16 loops mostly scalar. The same expressions forward and
+// backward (AffineV, the ReLU's mask), so the backward pass recomputes the forward's mask.
+#if defined(__x86_64__)
+#define JAXCNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+bool HasAvx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
+JAXCNN_AVX512 inline __m512 AffineV(__m512 x, __m512 mean, __m512 a, __m512 b) {
+  return _mm512_fmadd_ps(_mm512_sub_ps(x, mean), a, b);
+}
+
+// max(v, 0) returns 0 for NaN, as `v > 0 ? v : 0` does.
+JAXCNN_AVX512 inline __m512 ReluV(__m512 v) { return _mm512_max_ps(v, _mm512_setzero_ps()); }
+
+// 16 bfloat16 values widened (Widen) and 16 floats rounded to bfloat16 (Narrow: nearest even, NaN kept quiet).
+JAXCNN_AVX512 inline __m512 LoadBf16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+JAXCNN_AVX512 inline void StoreBf16(uint16_t* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd), 16);
+  const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i out = _mm512_mask_blend_epi32(nan, rounded, quiet_nan);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
+}
+
+// PreActivation on 16 values at flat index k of a tile.
+template <bool kResidual>
+JAXCNN_AVX512 inline __m512 PreActivationV(const uint16_t* xp, const uint16_t* rp, int64_t k, const float* mean,
+                                           const float* a, const float* b) {
+  const __m512 v = AffineV(LoadBf16(xp + k), _mm512_loadu_ps(mean + k), _mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k));
+  if constexpr (kResidual) return _mm512_add_ps(v, LoadBf16(rp + k));
+  return v;
+}
+
+JAXCNN_AVX512 void MomentRowsBf16V(const uint16_t* x, int64_t c, int64_t tile, int64_t r0, int64_t r1,
+                                   const float* shift, double* s1, double* s2) {
+  const int64_t block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
+  TwoSums sums(tile * c);
+  float* b1 = sums.b1.data();
+  float* b2 = sums.b2.data();
+  for (int64_t r0b = r0; r0b < r1; r0b += block_rows) {
+    sums.StartBlock();
+    const int64_t r1b = std::min(r1, r0b + block_rows);
+    for (int64_t r = r0b; r < r1b; r += tile) {
+      const uint16_t* p = x + r * c;
+      const int64_t n = std::min(tile, r1b - r) * c;
+      for (int64_t k = 0; k < n; k += 16) {
+        const __m512 d = _mm512_sub_ps(LoadBf16(p + k), _mm512_loadu_ps(shift + k));
+        _mm512_storeu_ps(b1 + k, _mm512_add_ps(_mm512_loadu_ps(b1 + k), d));
+        _mm512_storeu_ps(b2 + k, _mm512_fmadd_ps(d, d, _mm512_loadu_ps(b2 + k)));
+      }
+    }
+    sums.EndBlock();
+  }
+  sums.Fold(c, s1, s2);
+}
+
+template <bool kResidual, bool kRelu>
+JAXCNN_AVX512 void NormalizeRowsBf16V(const uint16_t* x, const uint16_t* res, uint16_t* y, int64_t c, int64_t tile,
+                                      int64_t r0, int64_t r1, const float* mean, const float* a, const float* b) {
+  for (int64_t r = r0; r < r1; r += tile) {
+    const uint16_t* xp = x + r * c;
+    const uint16_t* rp = res ? res + r * c : nullptr;
+    uint16_t* yp = y + r * c;
+    const int64_t n = std::min(tile, r1 - r) * c;
+    for (int64_t k = 0; k < n; k += 16) {
+      __m512 v = PreActivationV<kResidual>(xp, rp, k, mean, a, b);
+      if constexpr (kRelu) v = ReluV(v);
+      StoreBf16(yp + k, v);
+    }
+  }
+}
+
+// dy where the ReLU passed the forward's value, else 0 (`pre > 0 ? g : 0`).
+template <bool kResidual, bool kRelu>
+JAXCNN_AVX512 inline __m512 MaskedGradV(const uint16_t* xp, const uint16_t* rp, const uint16_t* gp, int64_t k,
+                                        const float* mean, const float* a, const float* b) {
+  const __m512 g = LoadBf16(gp + k);
+  if constexpr (!kRelu) return g;
+  const __m512 pre = PreActivationV<kResidual>(xp, rp, k, mean, a, b);
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(pre, _mm512_setzero_ps(), _CMP_GT_OQ), g);
+}
+
+template <bool kResidual, bool kRelu>
+JAXCNN_AVX512 void GradSumRowsBf16V(const uint16_t* x, const uint16_t* res, const uint16_t* dy, int64_t c,
+                                    int64_t tile, int64_t r0, int64_t r1, const float* mean, const float* rstd,
+                                    const float* a, const float* b, double* dbias, double* dscale) {
+  const int64_t block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
+  TwoSums sums(tile * c);
+  float* sb = sums.b1.data();
+  float* ss = sums.b2.data();
+  for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
+    sums.StartBlock();
+    const int64_t b1 = std::min(r1, b0 + block_rows);
+    for (int64_t r = b0; r < b1; r += tile) {
+      const uint16_t* xp = x + r * c;
+      const uint16_t* rp = res ? res + r * c : nullptr;
+      const uint16_t* gp = dy + r * c;
+      const int64_t n = std::min(tile, b1 - r) * c;
+      for (int64_t k = 0; k < n; k += 16) {
+        const __m512 g = MaskedGradV<kResidual, kRelu>(xp, rp, gp, k, mean, a, b);
+        const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(LoadBf16(xp + k), _mm512_loadu_ps(mean + k)),
+                                          _mm512_loadu_ps(rstd + k));
+        _mm512_storeu_ps(sb + k, _mm512_add_ps(_mm512_loadu_ps(sb + k), g));
+        _mm512_storeu_ps(ss + k, _mm512_fmadd_ps(g, xhat, _mm512_loadu_ps(ss + k)));
+      }
+    }
+    sums.EndBlock();
+  }
+  sums.Fold(c, dbias, dscale);
+}
+
+template <bool kResidual, bool kRelu>
+JAXCNN_AVX512 void GradRowsBf16V(const uint16_t* x, const uint16_t* res, const uint16_t* dy, uint16_t* dx,
+                                 uint16_t* dres, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* mean,
+                                 const float* rstd, const float* a, const float* b, const float* mean_dbias,
+                                 const float* mean_dscale) {
+  for (int64_t r = r0; r < r1; r += tile) {
+    const uint16_t* xp = x + r * c;
+    const uint16_t* rp = res ? res + r * c : nullptr;
+    const uint16_t* gp = dy + r * c;
+    uint16_t* out = dx + r * c;
+    uint16_t* dres_p = dres ? dres + r * c : nullptr;
+    const int64_t n = std::min(tile, r1 - r) * c;
+    for (int64_t k = 0; k < n; k += 16) {
+      const __m512 g = MaskedGradV<kResidual, kRelu>(xp, rp, gp, k, mean, a, b);
+      const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(LoadBf16(xp + k), _mm512_loadu_ps(mean + k)),
+                                        _mm512_loadu_ps(rstd + k));
+      const __m512 centred = _mm512_sub_ps(g, _mm512_loadu_ps(mean_dbias + k));
+      StoreBf16(out + k, _mm512_mul_ps(_mm512_loadu_ps(a + k),
+                                       _mm512_fnmadd_ps(xhat, _mm512_loadu_ps(mean_dscale + k), centred)));
+      if constexpr (kResidual) StoreBf16(dres_p + k, g);
+    }
+  }
+}
+
+// Whether the bfloat16 loops run as the AVX-512 ones above.
+bool Bf16Vectors(int64_t c) { return c % 16 == 0 && HasAvx512(); }
+#else
+bool Bf16Vectors(int64_t) { return false; }
+#endif
+
+// The four loops for either activation type: bfloat16 with C a multiple of 16 on AVX-512 as the vector loops above,
+// everything else as the portable loops.
+template <typename T>
+void MomentRowsAny(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* shift, double* s1,
+                   double* s2) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (Bf16Vectors(c)) return MomentRowsBf16V(x, c, tile, r0, r1, shift, s1, s2);
+  }
+#endif
+  MomentRows(x, c, tile, r0, r1, shift, s1, s2);
+}
+
+template <typename T>
+void NormalizeRowsAny(const T* x, const T* res, T* y, int64_t c, int64_t tile, int64_t r0, int64_t r1,
+                      const float* mean, const float* a, const float* b, bool relu) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (Bf16Vectors(c)) {
+      JAXCNN_SPECIALISE(NormalizeRowsBf16V, x, res, y, c, tile, r0, r1, mean, a, b);
+      return;
+    }
+  }
+#endif
+  NormalizeRows(x, res, y, c, tile, r0, r1, mean, a, b, relu);
+}
+
+template <typename T>
+void GradSumRowsAny(const T* x, const T* res, const T* dy, int64_t c, int64_t tile, int64_t r0, int64_t r1,
+                    const float* mean, const float* rstd, const float* a, const float* b, bool relu, double* dbias,
+                    double* dscale) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (Bf16Vectors(c)) {
+      JAXCNN_SPECIALISE(GradSumRowsBf16V, x, res, dy, c, tile, r0, r1, mean, rstd, a, b, dbias, dscale);
+      return;
+    }
+  }
+#endif
+  GradSumRows(x, res, dy, c, tile, r0, r1, mean, rstd, a, b, relu, dbias, dscale);
+}
+
+template <typename T>
+void GradRowsAny(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t c, int64_t tile, int64_t r0,
+                 int64_t r1, const float* mean, const float* rstd, const float* a, const float* b,
+                 const float* mean_dbias, const float* mean_dscale, bool relu) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (Bf16Vectors(c)) {
+      JAXCNN_SPECIALISE(GradRowsBf16V, x, res, dy, dx, dres, c, tile, r0, r1, mean, rstd, a, b, mean_dbias,
+                        mean_dscale);
+      return;
+    }
+  }
+#endif
+  GradRows(x, res, dy, dx, dres, c, tile, r0, r1, mean, rstd, a, b, mean_dbias, mean_dscale, relu);
+}
+
 // Rows [0, m) cut into chunks: how many, and the rows of chunk i.
 struct Chunks {
   int64_t m, count, step;
@@ -355,7 +568,7 @@ void Statistics(ffi::ThreadPool& pool, int64_t threads, const T* x, const float*
   const std::vector<float> shift = ShiftNearMean(x, m, c);
   const std::vector<float> shift_t = Tiled(shift.data(), c, tile);
   std::vector<double> moments = ChannelSums(pool, threads, chunks, 2 * c, [&](int64_t i, double* acc) {
-    MomentRows(x, c, tile, chunks.begin(i), chunks.end(i), shift_t.data(), acc, acc + c);
+    MomentRowsAny(x, c, tile, chunks.begin(i), chunks.end(i), shift_t.data(), acc, acc + c);
   });
   for (int64_t j = 0; j < c; ++j) {
     const double d_mean = moments[j] / m;
@@ -375,8 +588,8 @@ void ForwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const T* r
   const std::vector<float> mean_t = Tiled(mean, c, tile);
   const std::vector<float> a_t = Tiled(a.data(), c, tile), b_t = Tiled(bias, c, tile);
   ForChunks(pool, threads, chunks, [&](int64_t i) {
-    NormalizeRows(x, res, y, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), a_t.data(), b_t.data(),
-                  relu);
+    NormalizeRowsAny(x, res, y, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), a_t.data(), b_t.data(),
+                     relu);
   });
 }
 
@@ -415,16 +628,16 @@ void BackwardTyped(ffi::ThreadPool& pool, int64_t threads, const T* x, const T* 
   const std::vector<float> mean_t = Tiled(mean, c, tile), rstd_t = Tiled(f.rstd.data(), c, tile);
   const std::vector<float> a_t = Tiled(f.a.data(), c, tile), b_t = Tiled(bias, c, tile);
   std::vector<double> sums = ChannelSums(pool, threads, chunks, 2 * c, [&](int64_t i, double* acc) {
-    GradSumRows(x, res, dy, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), rstd_t.data(), a_t.data(),
-                b_t.data(), relu, acc, acc + c);
+    GradSumRowsAny(x, res, dy, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), rstd_t.data(), a_t.data(),
+                   b_t.data(), relu, acc, acc + c);
   });
   std::vector<float> mean_dbias, mean_dscale;
   FinishGradSums(sums, m, c, dbias, dscale, mean_dbias, mean_dscale);
   const std::vector<float> mean_dbias_t = Tiled(mean_dbias.data(), c, tile);
   const std::vector<float> mean_dscale_t = Tiled(mean_dscale.data(), c, tile);
   ForChunks(pool, threads, chunks, [&](int64_t i) {
-    GradRows(x, res, dy, dx, dres, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), rstd_t.data(),
-             a_t.data(), b_t.data(), mean_dbias_t.data(), mean_dscale_t.data(), relu);
+    GradRowsAny(x, res, dy, dx, dres, c, tile, chunks.begin(i), chunks.end(i), mean_t.data(), rstd_t.data(),
+                a_t.data(), b_t.data(), mean_dbias_t.data(), mean_dscale_t.data(), relu);
   });
 }
 
@@ -606,20 +819,6 @@ JAXCNN_CLONES void NormPoolGradRows(const PoolDims& s, const float* x, const flo
 // position, the window scan as max_pool.cc's (the same choice and, after the ReLU, where no value is NaN, the same
 // maximum). The portable loops above run elsewhere; both give the same forward bits.
 #if defined(__x86_64__)
-#define JAXCNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-bool HasAvx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return has;
-}
-
-JAXCNN_AVX512 inline __m512 AffineV(__m512 x, __m512 mean, __m512 a, __m512 b) {
-  return _mm512_fmadd_ps(_mm512_sub_ps(x, mean), a, b);
-}
-
-// max(v, 0) returns 0 for NaN, as `v > 0 ? v : 0` does.
-JAXCNN_AVX512 inline __m512 ReluV(__m512 v) { return _mm512_max_ps(v, _mm512_setzero_ps()); }
 
 template <bool kRelu>
 JAXCNN_AVX512 void NormPoolRowsAvx512(const PoolDims& s, const float* x, float* y, int8_t* code, const float* mean,
