@@ -68,6 +68,9 @@ namespace {
 #define JAXCNN_CLONES
 #endif
 #define JAXCNN_INLINE inline __attribute__((always_inline))
+// A lambda inlined where it is called, so that it is compiled for the caller's instruction set (a target_clones
+// clone, or an AVX-512 function) rather than as a separate function for the default one.
+#define JAXCNN_INLINE_LAMBDA __attribute__((always_inline))
 
 constexpr int64_t kBlockRows = 64;   // rows summed in float32 before a double add
 constexpr int64_t kTileValues = 256;  // values per tile of whole rows (see MomentRowsT)
@@ -113,30 +116,41 @@ struct TwoSums {
   }
 };
 
+// body(r, n) for each tile of rows [r0, r1): its first row r and its n values (n / c rows, at most `tile`).
+template <typename Body>
+JAXCNN_INLINE void ForTiles(int64_t c, int64_t tile, int64_t r0, int64_t r1, const Body& body) {
+  for (int64_t r = r0; r < r1; r += tile) body(r, std::min(tile, r1 - r) * c);
+}
+
+// body(r, n, b1, b2) for each tile of rows [r0, r1), adding to the tile positions' float32 sums b1 and b2, which
+// are added to double every kBlockRows rows and folded to c channels into out1 and out2 at the end.
+template <typename Body>
+JAXCNN_INLINE void SumTiles(int64_t c, int64_t tile, int64_t r0, int64_t r1, double* out1, double* out2,
+                            const Body& body) {
+  const int64_t block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
+  TwoSums sums(tile * c);
+  for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
+    sums.StartBlock();
+    ForTiles(c, tile, b0, std::min(r1, b0 + block_rows),
+             [&](int64_t r, int64_t n) JAXCNN_INLINE_LAMBDA { body(r, n, sums.b1.data(), sums.b2.data()); });
+    sums.EndBlock();
+  }
+  sums.Fold(c, out1, out2);
+}
+
 // s1[c] += sum over rows [r0, r1) of d, s2[c] += sum of d^2, with d = x[r, c] - shift[c] (shift: tiled).
 template <typename T>
 JAXCNN_INLINE void MomentRowsT(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* shift,
                                double* s1, double* s2) {
-  const int64_t block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
-  TwoSums sums(tile * c);
-  float* b1 = sums.b1.data();
-  float* b2 = sums.b2.data();
-  for (int64_t r0b = r0; r0b < r1; r0b += block_rows) {
-    sums.StartBlock();
-    const int64_t r1b = std::min(r1, r0b + block_rows);
-    for (int64_t r = r0b; r < r1b; r += tile) {
-      const T* p = x + r * c;
-      const int64_t n = std::min(tile, r1b - r) * c;
-      #pragma GCC ivdep  // the arrays never overlap
-      for (int64_t k = 0; k < n; ++k) {
-        const float d = Load(p, k) - shift[k];
-        b1[k] += d;
-        b2[k] += d * d;
-      }
+  SumTiles(c, tile, r0, r1, s1, s2, [&](int64_t r, int64_t n, float* b1, float* b2) JAXCNN_INLINE_LAMBDA {
+    const T* p = x + r * c;
+    #pragma GCC ivdep  // the arrays never overlap
+    for (int64_t k = 0; k < n; ++k) {
+      const float d = Load(p, k) - shift[k];
+      b1[k] += d;
+      b2[k] += d * d;
     }
-    sums.EndBlock();
-  }
-  sums.Fold(c, s1, s2);
+  });
 }
 
 // The value before the ReLU at flat index k of a tile: Affine(x), plus the residual's value (kResidual).
@@ -151,18 +165,17 @@ JAXCNN_INLINE float PreActivation(const T* xp, const T* rp, int64_t k, const flo
 template <bool kResidual, bool kRelu, typename T>
 JAXCNN_INLINE void NormalizeRowsT(const T* x, const T* res, T* y, int64_t c, int64_t tile, int64_t r0, int64_t r1,
                                   const float* mean, const float* a, const float* b) {
-  for (int64_t r = r0; r < r1; r += tile) {
+  ForTiles(c, tile, r0, r1, [&](int64_t r, int64_t n) JAXCNN_INLINE_LAMBDA {
     const T* xp = x + r * c;
     const T* rp = res ? res + r * c : nullptr;
     T* yp = y + r * c;
-    const int64_t n = std::min(tile, r1 - r) * c;
     #pragma GCC ivdep  // the arrays never overlap
     for (int64_t k = 0; k < n; ++k) {
       float v = PreActivation<kResidual>(xp, rp, k, mean, a, b);
       if constexpr (kRelu) v = v > 0.0f ? v : 0.0f;
       Store(yp, k, v);
     }
-  }
+  });
 }
 
 // dbias and dscale partial sums over rows [r0, r1): sum(dy'), sum(dy' * xhat), dy' = dy masked by the ReLU.
@@ -170,30 +183,19 @@ template <bool kResidual, bool kRelu, typename T>
 JAXCNN_INLINE void GradSumRowsT(const T* x, const T* res, const T* dy, int64_t c, int64_t tile, int64_t r0,
                                 int64_t r1, const float* mean, const float* rstd, const float* a, const float* b,
                                 double* dbias, double* dscale) {
-  const int64_t block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
-  TwoSums sums(tile * c);
-  float* sb = sums.b1.data();
-  float* ss = sums.b2.data();
-  for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
-    sums.StartBlock();
-    const int64_t b1 = std::min(r1, b0 + block_rows);
-    for (int64_t r = b0; r < b1; r += tile) {
-      const T* xp = x + r * c;
-      const T* rp = res ? res + r * c : nullptr;
-      const T* gp = dy + r * c;
-      const int64_t n = std::min(tile, b1 - r) * c;
-      #pragma GCC ivdep  // the arrays never overlap
-      for (int64_t k = 0; k < n; ++k) {
-        const float xv = Load(xp, k);
-        float g = Load(gp, k);
-        if constexpr (kRelu) g = PreActivation<kResidual>(xp, rp, k, mean, a, b) > 0.0f ? g : 0.0f;
-        sb[k] += g;
-        ss[k] += g * ((xv - mean[k]) * rstd[k]);
-      }
+  SumTiles(c, tile, r0, r1, dbias, dscale, [&](int64_t r, int64_t n, float* sb, float* ss) JAXCNN_INLINE_LAMBDA {
+    const T* xp = x + r * c;
+    const T* rp = res ? res + r * c : nullptr;
+    const T* gp = dy + r * c;
+    #pragma GCC ivdep  // the arrays never overlap
+    for (int64_t k = 0; k < n; ++k) {
+      const float xv = Load(xp, k);
+      float g = Load(gp, k);
+      if constexpr (kRelu) g = PreActivation<kResidual>(xp, rp, k, mean, a, b) > 0.0f ? g : 0.0f;
+      sb[k] += g;
+      ss[k] += g * ((xv - mean[k]) * rstd[k]);
     }
-    sums.EndBlock();
-  }
-  sums.Fold(c, dbias, dscale);
+  });
 }
 
 // dx of the rows [r0, r1), and dres (the residual's gradient: dy where the ReLU passed it) when dres is given.
@@ -201,13 +203,12 @@ template <bool kResidual, bool kRelu, typename T>
 JAXCNN_INLINE void GradRowsT(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t c, int64_t tile,
                              int64_t r0, int64_t r1, const float* mean, const float* rstd, const float* a,
                              const float* b, const float* mean_dbias, const float* mean_dscale) {
-  for (int64_t r = r0; r < r1; r += tile) {
+  ForTiles(c, tile, r0, r1, [&](int64_t r, int64_t n) JAXCNN_INLINE_LAMBDA {
     const T* xp = x + r * c;
     const T* rp = res ? res + r * c : nullptr;
     const T* gp = dy + r * c;
     T* out = dx + r * c;
     T* dres_p = dres ? dres + r * c : nullptr;
-    const int64_t n = std::min(tile, r1 - r) * c;
     #pragma GCC ivdep  // the arrays never overlap
     for (int64_t k = 0; k < n; ++k) {
       const float xv = Load(xp, k);
@@ -217,7 +218,7 @@ JAXCNN_INLINE void GradRowsT(const T* x, const T* res, const T* dy, T* dx, T* dr
       Store(out, k, a[k] * (g - mean_dbias[k] - xhat * mean_dscale[k]));
       if constexpr (kResidual) Store(dres_p, k, g);
     }
-  }
+  });
 }
 
 // The loops above, compiled once per instruction set for each activation type (GCC dispatches when the library
@@ -299,6 +300,9 @@ JAXCNN_AVX512 inline __m512 AffineV(__m512 x, __m512 mean, __m512 a, __m512 b) {
 // max(v, 0) returns 0 for NaN, as `v > 0 ? v : 0` does.
 JAXCNN_AVX512 inline __m512 ReluV(__m512 v) { return _mm512_max_ps(v, _mm512_setzero_ps()); }
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")  // the lambdas below too (called once per tile)
+
 // 16 bfloat16 values widened (Widen) and 16 floats rounded to bfloat16 (Narrow: nearest even, NaN kept quiet).
 JAXCNN_AVX512 inline __m512 LoadBf16(const uint16_t* p) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -327,41 +331,29 @@ JAXCNN_AVX512 inline __m512 PreActivationV(const uint16_t* xp, const uint16_t* r
 
 JAXCNN_AVX512 void MomentRowsBf16V(const uint16_t* x, int64_t c, int64_t tile, int64_t r0, int64_t r1,
                                    const float* shift, double* s1, double* s2) {
-  const int64_t block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
-  TwoSums sums(tile * c);
-  float* b1 = sums.b1.data();
-  float* b2 = sums.b2.data();
-  for (int64_t r0b = r0; r0b < r1; r0b += block_rows) {
-    sums.StartBlock();
-    const int64_t r1b = std::min(r1, r0b + block_rows);
-    for (int64_t r = r0b; r < r1b; r += tile) {
-      const uint16_t* p = x + r * c;
-      const int64_t n = std::min(tile, r1b - r) * c;
-      for (int64_t k = 0; k < n; k += 16) {
-        const __m512 d = _mm512_sub_ps(LoadBf16(p + k), _mm512_loadu_ps(shift + k));
-        _mm512_storeu_ps(b1 + k, _mm512_add_ps(_mm512_loadu_ps(b1 + k), d));
-        _mm512_storeu_ps(b2 + k, _mm512_fmadd_ps(d, d, _mm512_loadu_ps(b2 + k)));
-      }
+  SumTiles(c, tile, r0, r1, s1, s2, [&](int64_t r, int64_t n, float* b1, float* b2) {
+    const uint16_t* p = x + r * c;
+    for (int64_t k = 0; k < n; k += 16) {
+      const __m512 d = _mm512_sub_ps(LoadBf16(p + k), _mm512_loadu_ps(shift + k));
+      _mm512_storeu_ps(b1 + k, _mm512_add_ps(_mm512_loadu_ps(b1 + k), d));
+      _mm512_storeu_ps(b2 + k, _mm512_fmadd_ps(d, d, _mm512_loadu_ps(b2 + k)));
     }
-    sums.EndBlock();
-  }
-  sums.Fold(c, s1, s2);
+  });
 }
 
 template <bool kResidual, bool kRelu>
 JAXCNN_AVX512 void NormalizeRowsBf16V(const uint16_t* x, const uint16_t* res, uint16_t* y, int64_t c, int64_t tile,
                                       int64_t r0, int64_t r1, const float* mean, const float* a, const float* b) {
-  for (int64_t r = r0; r < r1; r += tile) {
+  ForTiles(c, tile, r0, r1, [&](int64_t r, int64_t n) {
     const uint16_t* xp = x + r * c;
     const uint16_t* rp = res ? res + r * c : nullptr;
     uint16_t* yp = y + r * c;
-    const int64_t n = std::min(tile, r1 - r) * c;
     for (int64_t k = 0; k < n; k += 16) {
       __m512 v = PreActivationV<kResidual>(xp, rp, k, mean, a, b);
       if constexpr (kRelu) v = ReluV(v);
       StoreBf16(yp + k, v);
     }
-  }
+  });
 }
 
 // dy where the ReLU passed the forward's value, else 0 (`pre > 0 ? g : 0`).
@@ -374,33 +366,26 @@ JAXCNN_AVX512 inline __m512 MaskedGradV(const uint16_t* xp, const uint16_t* rp, 
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(pre, _mm512_setzero_ps(), _CMP_GT_OQ), g);
 }
 
+// xhat = (x - mean) * rstd on 16 values.
+JAXCNN_AVX512 inline __m512 XhatV(const uint16_t* xp, int64_t k, const float* mean, const float* rstd) {
+  return _mm512_mul_ps(_mm512_sub_ps(LoadBf16(xp + k), _mm512_loadu_ps(mean + k)), _mm512_loadu_ps(rstd + k));
+}
+
 template <bool kResidual, bool kRelu>
 JAXCNN_AVX512 void GradSumRowsBf16V(const uint16_t* x, const uint16_t* res, const uint16_t* dy, int64_t c,
                                     int64_t tile, int64_t r0, int64_t r1, const float* mean, const float* rstd,
                                     const float* a, const float* b, double* dbias, double* dscale) {
-  const int64_t block_rows = tile * std::max<int64_t>(1, kBlockRows / tile);
-  TwoSums sums(tile * c);
-  float* sb = sums.b1.data();
-  float* ss = sums.b2.data();
-  for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
-    sums.StartBlock();
-    const int64_t b1 = std::min(r1, b0 + block_rows);
-    for (int64_t r = b0; r < b1; r += tile) {
-      const uint16_t* xp = x + r * c;
-      const uint16_t* rp = res ? res + r * c : nullptr;
-      const uint16_t* gp = dy + r * c;
-      const int64_t n = std::min(tile, b1 - r) * c;
-      for (int64_t k = 0; k < n; k += 16) {
-        const __m512 g = MaskedGradV<kResidual, kRelu>(xp, rp, gp, k, mean, a, b);
-        const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(LoadBf16(xp + k), _mm512_loadu_ps(mean + k)),
-                                          _mm512_loadu_ps(rstd + k));
-        _mm512_storeu_ps(sb + k, _mm512_add_ps(_mm512_loadu_ps(sb + k), g));
-        _mm512_storeu_ps(ss + k, _mm512_fmadd_ps(g, xhat, _mm512_loadu_ps(ss + k)));
-      }
+  SumTiles(c, tile, r0, r1, dbias, dscale, [&](int64_t r, int64_t n, float* sb, float* ss) {
+    const uint16_t* xp = x + r * c;
+    const uint16_t* rp = res ? res + r * c : nullptr;
+    const uint16_t* gp = dy + r * c;
+    for (int64_t k = 0; k < n; k += 16) {
+      const __m512 g = MaskedGradV<kResidual, kRelu>(xp, rp, gp, k, mean, a, b);
+      const __m512 xhat = XhatV(xp, k, mean, rstd);
+      _mm512_storeu_ps(sb + k, _mm512_add_ps(_mm512_loadu_ps(sb + k), g));
+      _mm512_storeu_ps(ss + k, _mm512_fmadd_ps(g, xhat, _mm512_loadu_ps(ss + k)));
     }
-    sums.EndBlock();
-  }
-  sums.Fold(c, dbias, dscale);
+  });
 }
 
 template <bool kResidual, bool kRelu>
@@ -408,24 +393,24 @@ JAXCNN_AVX512 void GradRowsBf16V(const uint16_t* x, const uint16_t* res, const u
                                  uint16_t* dres, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* mean,
                                  const float* rstd, const float* a, const float* b, const float* mean_dbias,
                                  const float* mean_dscale) {
-  for (int64_t r = r0; r < r1; r += tile) {
+  ForTiles(c, tile, r0, r1, [&](int64_t r, int64_t n) {
     const uint16_t* xp = x + r * c;
     const uint16_t* rp = res ? res + r * c : nullptr;
     const uint16_t* gp = dy + r * c;
     uint16_t* out = dx + r * c;
     uint16_t* dres_p = dres ? dres + r * c : nullptr;
-    const int64_t n = std::min(tile, r1 - r) * c;
     for (int64_t k = 0; k < n; k += 16) {
       const __m512 g = MaskedGradV<kResidual, kRelu>(xp, rp, gp, k, mean, a, b);
-      const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(LoadBf16(xp + k), _mm512_loadu_ps(mean + k)),
-                                        _mm512_loadu_ps(rstd + k));
+      const __m512 xhat = XhatV(xp, k, mean, rstd);
       const __m512 centred = _mm512_sub_ps(g, _mm512_loadu_ps(mean_dbias + k));
       StoreBf16(out + k, _mm512_mul_ps(_mm512_loadu_ps(a + k),
                                        _mm512_fnmadd_ps(xhat, _mm512_loadu_ps(mean_dscale + k), centred)));
       if constexpr (kResidual) StoreBf16(dres_p + k, g);
     }
-  }
+  });
 }
+
+#pragma GCC pop_options
 
 // Whether the bfloat16 loops run as the AVX-512 ones above.
 bool Bf16Vectors(int64_t c) { return c % 16 == 0 && HasAvx512(); }
