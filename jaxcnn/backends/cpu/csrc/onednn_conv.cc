@@ -81,8 +81,8 @@ enum Op : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 // 2.18 / 2.56), 32 at 7x7 (0.68 / 0.92, 0.69 / 0.92, 0.71 / 1.11), 64 at 6x6 (0.86 / 1.21, 1.08 / 1.24,
 // 1.13 / 1.19), 8 images of 8x8 (64 channels: 1.84 / 2.27).
 // jaxcnn's own Winograd (winograd.h) against the direct kernels, per call, one thread, 64 images, ms (forward,
-// input gradient, filter gradient): 16 channels at 32x32 1.93 / 1.47, 2.01 / 1.46, 1.71 / 1.62; 32 at 16x16 1.59 /
-// 1.12, 1.71 / 1.14, 1.68 / 1.24; 64 at 8x8 1.53 / 0.90, 1.69 / 0.97, 1.65 / 1.14. In ResNet-20's step its 64-channel
+// input gradient, filter gradient): 16 channels at 32x32 1.81 / 1.15, 1.77 / 1.21, 1.41 / 1.60; 32 at 16x16 1.55 /
+// 0.86, 1.62 / 0.88, 1.52 / 1.18; 64 at 8x8 1.45 / 0.78, 1.58 / 0.80, 1.58 / 1.10. In ResNet-20's step its 64-channel
 // filter gradient was no faster than oneDNN's Winograd (profiled convolution time 96.9 against 93.5 ms), so that
 // one stays oneDNN's.
 constexpr int64_t kOwnWinogradChannels = 64;

@@ -3,7 +3,7 @@
 // [images, h, w, cin / cout], kernels HWIO [3, 3, cin, cout].
 //
 // oneDNN's Winograd transforms a whole layer through memory in its blocked layout, which costs more than it saves
-// at 16 channels and gains little at 32 (benchmarks/README.md). Here each block of kTiles 4x4 output tiles is
+// at 16 channels and gains little at 32 (benchmarks/README.md). Here each block of 4x4 output tiles is
 // transformed, multiplied and transformed back while it is in the core's cache, straight from and to the NHWC
 // arrays: 6x6 input tiles V = B^T d B (16 channels per AVX-512 register), then for each of the 36 tile positions a
 // [tiles x cin] x [cin x cout] product with the transformed kernel U = G g G^T, then Y = A^T M A. The input
