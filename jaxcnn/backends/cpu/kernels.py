@@ -5,7 +5,9 @@ XLA's CPU convolutions run 2-10x slower than oneDNN's on the layers of small CNN
 forward 8.7 ms against 3.1 ms, filter gradient 23 ms against 2.7 ms for the 16-channel 32x32 layer at batch 128;
 benchmarks/README.md), and PyTorch's CPU convolutions are oneDNN's. So on the CPU, jaxcnn's float32 convolutions
 run as XLA FFI custom calls into oneDNN (`csrc/onednn_conv.cc`), compiled on first use with the system C++
-compiler against Debian's ``libdnnl-dev`` and cached (``$JAXCNN_CACHE_DIR``, default ``~/.cache/jaxcnn``).
+compiler against Debian's ``libdnnl-dev`` and cached (``$JAXCNN_CACHE_DIR``, default ``~/.cache/jaxcnn``). The
+same calls run float32 3x3 stride-1 convolutions of up to 64 channels (multiples of 16) as jaxcnn's own Winograd
+F(4x4, 3x3) kernel on AVX-512 CPUs (``csrc/winograd.cc``; ``JAXCNN_WINOGRAD=0`` for the direct kernels).
 
 The three convolutions of a training step are one primitive, ``jaxcnn_onednn_conv``, with ``op`` one of
 ``forward`` (x, w) -> y, ``backward_data`` (dy, w) -> dx and ``backward_weights`` (x, dy) -> dw. Each is bilinear,
@@ -241,7 +243,8 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def implementations(geometry: Geometry, dtype=np.float32) -> dict[str, str] | None:
     """oneDNN's implementation name for each of the three ops of `geometry` with operands of `dtype` (float32 or
-    bfloat16; e.g. 'brgconv:avx512_core', 'brgconv:avx512_core_amx_bf16'); None when the library is unavailable or
+    bfloat16; e.g. 'brgconv:avx512_core', 'brgconv:avx512_core_amx_bf16', or 'jaxcnn_winograd_f4x4_3x3' for
+    jaxcnn's own Winograd kernel); None when the library is unavailable or
     oneDNN rejects the geometry (cached: it depends on its arguments only; `usable` checks `enabled()`)."""
     lib = _library()
     if lib is None:

@@ -32,15 +32,17 @@
 // kOwnWinogradChannels and outputs of whole 4x4 tiles run as jaxcnn's own Winograd F(4x4, 3x3) on NHWC (winograd.h;
 // the filter gradient up to kOwnWinogradGradChannels), on AVX-512 CPUs. Of the others, those with at least
 // kWinogradMinChannels channels in and out (multiples of 16) and outputs of whole 4x4 tiles (nearly whole from
-// kWinogradWideChannels) run as oneDNN's Winograd F(4x4, 3x3) (jit_wino_4x3, AVX-512 only), which does 4x fewer multiplications; its kernels read and
-// write the blocked nChw16c layout, so each call reorders its NHWC activations in and out, chunk by chunk of at
-// most kWinogradChunk images. The same convolution with another order of float32 sums: its error against a
-// float64 reference is about twice the direct kernels' (tests/backends/test_winograd.py). JAXCNN_WINOGRAD=0 turns
-// both off (for A/B runs, or the direct kernels' results bit for bit). Figures: benchmarks/README.md.
+// kWinogradWideChannels) run as oneDNN's Winograd F(4x4, 3x3) (jit_wino_4x3, AVX-512 only), which does 4x fewer
+// multiplications; its kernels read and write the blocked nChw16c layout, so each call reorders its NHWC activations
+// in and out, chunk by chunk of at most kWinogradChunk images. The same convolution with another order of float32
+// sums: its error against a float64 reference is 2-6 times the direct kernels' (tests/backends/test_winograd.py).
+// JAXCNN_WINOGRAD=0 turns both off (for A/B runs, or the direct kernels' results bit for bit). Figures:
+// benchmarks/README.md.
 //
-// JaxcnnConvImpl(op, dims, error, error_len) builds (and caches) the primitive for a geometry and returns the
-// name of the implementation oneDNN picked ("jaxcnn_winograd_f4x4_3x3" for jaxcnn's own Winograd), or nullptr with a message in `error`; jaxcnn calls it while tracing
-// and keeps XLA's convolution for geometries oneDNN would run with its slow reference implementation.
+// JaxcnnConvImpl(op, dims, error, error_len) builds (and caches) the primitive for a geometry and returns the name
+// of the implementation oneDNN picked ("jaxcnn_winograd_f4x4_3x3" for jaxcnn's own Winograd), or nullptr with a
+// message in `error`; jaxcnn calls it while tracing and keeps XLA's convolution for geometries oneDNN would run with
+// its slow reference implementation.
 
 #include <algorithm>
 #include <cctype>

@@ -55,7 +55,9 @@ void TransformHWIO(const float* w, int64_t ni, int64_t no, float* u) {
       const double* g2 = gw.data() + (a * 3 + 2) * no;
       for (int b = 0; b < 6; ++b) {
         float* out = u + ((a * 6 + b) * ni + i) * no;
-        for (int64_t o = 0; o < no; ++o) out[o] = static_cast<float>(g0[o] * kG[b][0] + g1[o] * kG[b][1] + g2[o] * kG[b][2]);
+        for (int64_t o = 0; o < no; ++o) {
+          out[o] = static_cast<float>(g0[o] * kG[b][0] + g1[o] * kG[b][1] + g2[o] * kG[b][2]);
+        }
       }
     }
   }
@@ -243,7 +245,8 @@ inline void LoadGradTile(const float* dy, const TileGrid& g, int64_t c, int64_t 
   }
 }
 
-// A^T M A of `block` (of kConvTiles tiles) at `slot` written to tile k of y [.., h, w, c] (its pixels inside the image).
+// A^T M A of `block` (of kConvTiles tiles) at `slot` written to tile k of y [.., h, w, c] (its pixels inside the
+// image).
 inline void StoreOutputTile(const float* block, int slot, float* y, const TileGrid& g, int64_t c, int64_t k) {
   int64_t image, r0, c0;
   g.Locate(k, &image, &r0, &c0);
