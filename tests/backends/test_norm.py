@@ -529,3 +529,33 @@ def test_native_norm_max_pool_statistics_cotangents_and_second_derivatives():
 
     for got, want in zip(hvp(fast), hvp(ref)):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("c", [16, 12], ids=["vector-loops", "portable-loops"])
+def test_bfloat16_nan_stays_in_its_channel(c):
+    """A NaN in one channel's input: that channel's y and dx come out NaN (as XLA rounds a NaN to bfloat16: a quiet
+    NaN), the other channels' values finite and equal to the run without it (channels in multiples of 16 take the
+    AVX-512 bfloat16 loops, 12 the portable ones)."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((4, 6, 6, c)).astype(np.float32)
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
+    scale, bias = jnp.ones(c), jnp.zeros(c)
+
+    def run(x):
+        def loss(x):
+            y, _, _ = fast_norm.batch_norm_act_train(x, scale, bias, 1e-5, False, dtype=jnp.bfloat16)
+            return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), y
+        fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        xb = jnp.asarray(x, jnp.bfloat16)
+        assert "jaxcnn_batch_norm_bwd" in fn.lower(xb).as_text()
+        (_, y), dx = fn(xb)
+        return np.asarray(y, np.float32), np.asarray(dx, np.float32)
+
+    y0, dx0 = run(x)
+    x[1, 2, 3, 5] = np.nan
+    y, dx = run(x)
+    assert np.isnan(y[..., 5]).all() and np.isnan(dx[..., 5]).all()
+    others = [k for k in range(c) if k != 5]
+    np.testing.assert_array_equal(y[..., others], y0[..., others])
+    np.testing.assert_array_equal(dx[..., others], dx0[..., others])
