@@ -145,20 +145,23 @@ struct Geometry {
     }
     return 1;
   }
-  // Whether this geometry runs as Winograd (the chunk's primitive, once n == Chunk()).
+  // Whether this geometry runs as oneDNN's Winograd (the chunk's primitive, once n == Chunk()).
   bool Winograd() const {
-    return WinogradEnabled() && !bf16 && groups == 1 && kh == 3 && kw == 3 && sh == 1 && sw == 1 && dh == 1 &&
-           dw == 1 && pt == 1 && pb == 1 && pl == 1 && pr == 1 && cin % 16 == 0 && cout % 16 == 0 &&
-           std::min(cin, cout) >= kWinogradMinChannels && TilesPay() &&
+    return WinogradShape() && std::min(cin, cout) >= kWinogradMinChannels && TilesPay() &&
            Chunk() * ho * wo >= kWinogradMinChunkPixels;
   }
   // Whether op runs as jaxcnn's own Winograd (winograd.h): up to kOwnWinogradChannels channels in and out
   // (kOwnWinogradGradChannels for the filter gradient), outputs of whole 4x4 tiles.
   bool OwnWinograd(Op op) const {
     const int64_t most = op == kBackwardWeights ? kOwnWinogradGradChannels : kOwnWinogradChannels;
+    return WinogradShape() && std::max(cin, cout) <= most && ho % 4 == 0 && wo % 4 == 0 &&
+           jaxcnn::winograd::Supported();
+  }
+  // What both Winograd kernels take (with JAXCNN_WINOGRAD not off): float32 3x3 convolutions with stride 1,
+  // padding 1, no dilation or groups, channels in and out multiples of 16.
+  bool WinogradShape() const {
     return WinogradEnabled() && !bf16 && groups == 1 && kh == 3 && kw == 3 && sh == 1 && sw == 1 && dh == 1 &&
-           dw == 1 && pt == 1 && pb == 1 && pl == 1 && pr == 1 && cin % 16 == 0 && cout % 16 == 0 &&
-           std::max(cin, cout) <= most && ho % 4 == 0 && wo % 4 == 0 && jaxcnn::winograd::Supported();
+           dw == 1 && pt == 1 && pb == 1 && pl == 1 && pr == 1 && cin % 16 == 0 && cout % 16 == 0;
   }
   // Whether the output's rows and columns, padded up to whole 4x4 tiles, waste little enough: none below
   // kWinogradWideChannels, at most 1/7 more per side from there (7x7 and 14x14 outputs: 8 and 16).
