@@ -5,6 +5,12 @@ Also against a from-scratch NumPy batch norm and its textbook gradient (float64)
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -246,11 +252,15 @@ def bf16_ulps(a, b):
 
 @needs_onednn
 @pytest.mark.parametrize("relu", [True, False], ids=["bn-relu", "bn"])
-def test_native_bfloat16_path_against_numpy(relu):
+@pytest.mark.parametrize("shape", [(16, 8, 8, 16), (5, 7, 3, 48), (3, 5, 5, 208)],
+                         ids=["16ch", "48ch-105rows", "208ch-75rows"])
+def test_native_bfloat16_path_against_numpy(shape, relu):
     """bfloat16 activations, y asked for in bfloat16: the native kernel computes in float32 and rounds y and dx once.
+    The shapes take every way the AVX-512 loops group channels (16 = 1 vector; 48 = 2 + 1; 208 = 8 + 4 + 1) and
+    row counts that are not a multiple of the rows summed side by side.
 
     Reference: float64 NumPy on the bfloat16 values of x and of the cotangent, rounded to bfloat16 at the end."""
-    x, g, scale, bias = away_from_relu_kink((16, 8, 8, 16), seed=12)
+    x, g, scale, bias = away_from_relu_kink(shape, seed=12)
     xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
 
     def loss(x, scale, bias):
@@ -559,3 +569,45 @@ def test_bfloat16_nan_stays_in_its_channel(c):
     others = [k for k in range(c) if k != 5]
     np.testing.assert_array_equal(y[..., others], y0[..., others])
     np.testing.assert_array_equal(dx[..., others], dx0[..., others])
+
+
+@needs_onednn
+def test_bfloat16_rounding_instruction_gives_the_integer_roundings_bits():
+    """Where the CPU has AVX512-BF16, the bfloat16 loops round with its instruction; JAXCNN_AVX512_BF16=0 keeps the
+    vector integer rounding. Both give the same bits for y, dx, the residual's gradient and the statistics (a run in
+    a subprocess for each, NaN and infinities among the values)."""
+    with open("/proc/cpuinfo") as f:
+        has_instruction = "avx512_bf16" in f.read().split()
+    if not has_instruction:
+        pytest.skip("the CPU has no AVX512-BF16: only the integer rounding runs")
+    code = textwrap.dedent("""
+        import sys
+        import jax, jax.numpy as jnp, numpy as np
+        from jaxcnn.backends.cpu import norm
+        rng = np.random.default_rng(3)
+        shape = (4, 5, 6, 48)
+        x = rng.standard_normal(shape).astype(np.float32) * 3.0
+        x[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+        x, r, g = (jnp.asarray(v, jnp.bfloat16) for v in (x, rng.standard_normal(shape), rng.standard_normal(shape)))
+        scale, bias = jnp.asarray(rng.uniform(0.5, 1.5, 48), jnp.float32), jnp.asarray(rng.standard_normal(48), jnp.float32)
+
+        def loss(x, r):
+            y, mean, var = norm.batch_norm_act_train(x, scale, bias, 1e-5, True, dtype=jnp.bfloat16, residual=r)
+            return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), (y, mean, var)
+
+        (_, aux), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, r)
+        np.savez(sys.argv[1], *[np.asarray(v).view(np.uint16) if v.dtype == jnp.bfloat16 else np.asarray(v)
+                                for v in (*aux, *grads)])
+    """)
+    runs = []
+    for value in (None, "0"):
+        env = {k: v for k, v in os.environ.items() if k != "JAXCNN_AVX512_BF16"}
+        if value is not None:
+            env["JAXCNN_AVX512_BF16"] = value
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "out.npz")
+            subprocess.run([sys.executable, "-c", code, out], env=env, check=True, capture_output=True, text=True)
+            with np.load(out) as f:
+                runs.append([f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)

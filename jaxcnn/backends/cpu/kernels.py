@@ -83,7 +83,7 @@ _SOURCES = tuple(Path(__file__).with_name("csrc") / name
                  for name in ("onednn_conv.cc", "winograd.cc", "batch_norm.cc", "onednn_matmul.cc", "max_pool.cc",
                               "sgd_update.cc"))
 _HEADERS = tuple(Path(__file__).with_name("csrc") / name
-                 for name in ("bfloat16.h", "onednn_common.h", "parallel_for.h", "winograd.h"))
+                 for name in ("bfloat16.h", "env_switch.h", "onednn_common.h", "parallel_for.h", "winograd.h"))
 _INSTALL_HINT = ("install a C++ compiler and oneDNN's headers (Debian/Ubuntu: `apt-get install g++ libdnnl-dev`), "
                  "or set JAXCNN_ONEDNN=0 to silence this")
 

@@ -55,6 +55,7 @@
 #endif
 
 #include "bfloat16.h"
+#include "env_switch.h"
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -235,6 +236,18 @@ JAXCNN_INLINE void GradRowsT(const T* x, const T* res, const T* dy, T* dx, T* dr
     KERNEL<false, false>(__VA_ARGS__);              \
   }
 
+// The same with a third template argument after the two.
+#define JAXCNN_SPECIALISE3(KERNEL, THIRD, ...)      \
+  if (res && relu) {                                \
+    KERNEL<true, true, THIRD>(__VA_ARGS__);         \
+  } else if (res) {                                 \
+    KERNEL<true, false, THIRD>(__VA_ARGS__);        \
+  } else if (relu) {                                \
+    KERNEL<false, true, THIRD>(__VA_ARGS__);        \
+  } else {                                          \
+    KERNEL<false, false, THIRD>(__VA_ARGS__);       \
+  }
+
 #define JAXCNN_KERNELS(T, SUFFIX)                                                                                  \
   JAXCNN_CLONES void MomentRows##SUFFIX(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1,              \
                                         const float* shift, double* s1, double* s2) {                             \
@@ -280,10 +293,13 @@ JAXCNN_INLINE void GradRowsT(const T* x, const T* res, const T* dy, T* dx, T* dr
 JAXCNN_KERNELS(float, F32)
 JAXCNN_KERNELS(uint16_t, BF16)
 
-// The bfloat16 loops in AVX-512 for C a multiple of 16 (so every tile is whole vectors): the portable loops'
-// arithmetic and order of sums, 16 values at a time, with the conversions as vector integer operations (Widen and
-// Narrow's, bit for bit). GCC leaves the portable bfloat16 loops mostly scalar. The same expressions forward and
-// backward (AffineV, the ReLU's mask), so the backward pass recomputes the forward's mask.
+// The bfloat16 loops in AVX-512 for C a multiple of 16 (so every row is whole vectors), 16 values at a time, with
+// the conversions as vector operations (Widen's exactly; Narrow's bit for bit, see StoreBf16). GCC leaves the
+// portable bfloat16 loops mostly scalar. The same expressions forward and backward (AffineV, the ReLU's mask), so
+// the backward pass recomputes the forward's mask. The two summing loops keep their sums in registers (SumRowsV): sums
+// per tile position in memory, as the portable loops keep them, cost a store and a reload per vector, 2.6x the time
+// of the moments pass and 1.9x that of the gradient sums (32x32x16 layer, 64 images, one thread: 0.186 vs 0.072 ms
+// and 0.270 vs 0.141 ms; 2026-12-07, the 2-core Xeon of benchmarks/README.md).
 #if defined(__x86_64__)
 #define JAXCNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
@@ -291,6 +307,13 @@ bool HasAvx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl");
   return has;
+}
+
+// JAXCNN_AVX512_BF16, read once: 0 / false / no / off (env_switch.h) keep StoreBf16's integer rounding on a CPU with
+// AVX512-BF16 too (the two give the same bits; tests/backends/test_norm.py compares them).
+bool Avx512Bf16Rounding() {
+  static const bool on = __builtin_cpu_supports("avx512bf16") && jaxcnn::SwitchOn("JAXCNN_AVX512_BF16");
+  return on;
 }
 
 JAXCNN_AVX512 inline __m512 AffineV(__m512 x, __m512 mean, __m512 a, __m512 b) {
@@ -303,13 +326,15 @@ JAXCNN_AVX512 inline __m512 ReluV(__m512 v) { return _mm512_max_ps(v, _mm512_set
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")  // the lambdas below too (called once per tile)
 
-// 16 bfloat16 values widened (Widen) and 16 floats rounded to bfloat16 (Narrow: nearest even, NaN kept quiet).
+// 16 bfloat16 values widened (Widen).
 JAXCNN_AVX512 inline __m512 LoadBf16(const uint16_t* p) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-JAXCNN_AVX512 inline void StoreBf16(uint16_t* p, __m512 v) {
+// 16 floats rounded to bfloat16 as Narrow does (nearest even, NaN kept and made quiet), with vector integer
+// operations.
+JAXCNN_AVX512 inline __m256i NarrowIntV(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd);
@@ -317,11 +342,32 @@ JAXCNN_AVX512 inline void StoreBf16(uint16_t* p, __m512 v) {
   const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
   const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
                                                 _mm512_set1_epi32(0x7f800000));
-  const __m512i out = _mm512_mask_blend_epi32(nan, rounded, quiet_nan);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet_nan));
 }
 
-// PreActivation on 16 values at flat index k of a tile.
+// 16 floats rounded to bfloat16 (Narrow's bits) and stored. kCvt: with AVX512-BF16's vcvtneps2bf16 (one instruction
+// instead of eleven; the same rounding, but it flushes subnormal inputs to zero, so a vector holding one takes the
+// integer rounding). Written as inline assembly so that these loops need no AVX512-BF16 target of their own: only
+// the kCvt = true copies, run where the CPU has it, execute the instruction.
+template <bool kCvt>
+JAXCNN_AVX512 inline void StoreBf16(uint16_t* p, __m512 v) {
+  __m256i out;
+  if constexpr (kCvt) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __mmask16 subnormal = _mm512_mask_test_epi32_mask(
+        _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7f800000)), bits, _mm512_set1_epi32(0x007fffff));
+    if (__builtin_expect(subnormal == 0, 1)) {
+      asm("vcvtneps2bf16 %1, %0" : "=v"(out) : "v"(v));
+    } else {
+      out = NarrowIntV(v);
+    }
+  } else {
+    out = NarrowIntV(v);
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), out);
+}
+
+// PreActivation on the 16 values at offset k of x and r (the per-channel arrays at the same offset).
 template <bool kResidual>
 JAXCNN_AVX512 inline __m512 PreActivationV(const uint16_t* xp, const uint16_t* rp, int64_t k, const float* mean,
                                            const float* a, const float* b) {
@@ -330,19 +376,77 @@ JAXCNN_AVX512 inline __m512 PreActivationV(const uint16_t* xp, const uint16_t* r
   return v;
 }
 
-JAXCNN_AVX512 void MomentRowsBf16V(const uint16_t* x, int64_t c, int64_t tile, int64_t r0, int64_t r1,
-                                   const float* shift, double* s1, double* s2) {
-  SumTiles(c, tile, r0, r1, s1, s2, [&](int64_t r, int64_t n, float* b1, float* b2) {
-    const uint16_t* p = x + r * c;
-    for (int64_t k = 0; k < n; k += 16) {
-      const __m512 d = _mm512_sub_ps(LoadBf16(p + k), _mm512_loadu_ps(shift + k));
-      _mm512_storeu_ps(b1 + k, _mm512_add_ps(_mm512_loadu_ps(b1 + k), d));
-      _mm512_storeu_ps(b2 + k, _mm512_fmadd_ps(d, d, _mm512_loadu_ps(b2 + k)));
+// The ReLU's mask of 16 values: where the forward's value before it was > 0 (all lanes without a ReLU).
+template <bool kResidual, bool kRelu>
+JAXCNN_AVX512 inline __mmask16 PassedV(const uint16_t* xp, const uint16_t* rp, int64_t k, const float* mean,
+                                       const float* a, const float* b) {
+  if constexpr (!kRelu) return 0xffff;
+  return _mm512_cmp_ps_mask(PreActivationV<kResidual>(xp, rp, k, mean, a, b), _mm512_setzero_ps(), _CMP_GT_OQ);
+}
+
+// xhat = (x - mean) * rstd on 16 values.
+JAXCNN_AVX512 inline __m512 XhatV(const uint16_t* xp, int64_t k, const float* mean, const float* rstd) {
+  return _mm512_mul_ps(_mm512_sub_ps(LoadBf16(xp + k), _mm512_loadu_ps(mean + k)), _mm512_loadu_ps(rstd + k));
+}
+
+// Two per-channel sums over rows [r0, r1) of a [., c] layout, in registers: body(row, k, s1, s2) adds the 16 values
+// at channel offset k of `row` to the accumulators s1 and s2. The channels go in groups of G vectors (G = 8, 4, 2,
+// 1, as many as fit), each group's rows 8 / G at a time, so that 8 accumulators of each sum run side by side; each
+// accumulator sums a block of kBlockRows rows in float32, added to the double sums out1[c] and out2[c] at the
+// block's end.
+template <int G, typename Body>
+JAXCNN_INLINE void SumBlockV(int64_t k0, int64_t b0, int64_t b1, double* out1, double* out2, const Body& body) {
+  constexpr int R = 8 / G;
+  __m512 s1[8], s2[8];
+  for (int i = 0; i < 8; ++i) s1[i] = s2[i] = _mm512_setzero_ps();
+  int64_t r = b0;
+  for (; r + R <= b1; r += R) {
+    for (int i = 0; i < R; ++i) {
+      for (int g = 0; g < G; ++g) body(r + i, k0 + 16 * g, s1[i * G + g], s2[i * G + g]);
     }
+  }
+  for (; r < b1; ++r) {
+    for (int g = 0; g < G; ++g) body(r, k0 + 16 * g, s1[g], s2[g]);
+  }
+  for (int g = 0; g < G; ++g) {
+    __m512d lo1 = _mm512_setzero_pd(), hi1 = lo1, lo2 = lo1, hi2 = lo1;
+    for (int i = 0; i < R; ++i) {
+      lo1 = _mm512_add_pd(lo1, _mm512_cvtps_pd(_mm512_castps512_ps256(s1[i * G + g])));
+      hi1 = _mm512_add_pd(hi1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s1[i * G + g]), 1))));
+      lo2 = _mm512_add_pd(lo2, _mm512_cvtps_pd(_mm512_castps512_ps256(s2[i * G + g])));
+      hi2 = _mm512_add_pd(hi2, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s2[i * G + g]), 1))));
+    }
+    double* o1 = out1 + k0 + 16 * g;
+    double* o2 = out2 + k0 + 16 * g;
+    _mm512_storeu_pd(o1, _mm512_add_pd(_mm512_loadu_pd(o1), lo1));
+    _mm512_storeu_pd(o1 + 8, _mm512_add_pd(_mm512_loadu_pd(o1 + 8), hi1));
+    _mm512_storeu_pd(o2, _mm512_add_pd(_mm512_loadu_pd(o2), lo2));
+    _mm512_storeu_pd(o2 + 8, _mm512_add_pd(_mm512_loadu_pd(o2 + 8), hi2));
+  }
+}
+
+template <typename Body>
+JAXCNN_INLINE void SumRowsV(int64_t c, int64_t r0, int64_t r1, double* out1, double* out2, const Body& body) {
+  for (int64_t b0 = r0; b0 < r1; b0 += kBlockRows) {
+    const int64_t b1 = std::min(r1, b0 + kBlockRows);
+    int64_t k = 0;
+    for (; k + 128 <= c; k += 128) SumBlockV<8>(k, b0, b1, out1, out2, body);
+    if (k + 64 <= c) { SumBlockV<4>(k, b0, b1, out1, out2, body); k += 64; }
+    if (k + 32 <= c) { SumBlockV<2>(k, b0, b1, out1, out2, body); k += 32; }
+    if (k + 16 <= c) { SumBlockV<1>(k, b0, b1, out1, out2, body); k += 16; }
+  }
+}
+
+JAXCNN_AVX512 void MomentRowsBf16V(const uint16_t* x, int64_t c, int64_t r0, int64_t r1, const float* shift,
+                                   double* s1, double* s2) {
+  SumRowsV(c, r0, r1, s1, s2, [&](int64_t r, int64_t k, __m512& a1, __m512& a2) JAXCNN_INLINE_LAMBDA {
+    const __m512 d = _mm512_sub_ps(LoadBf16(x + r * c + k), _mm512_loadu_ps(shift + k));
+    a1 = _mm512_add_ps(a1, d);
+    a2 = _mm512_fmadd_ps(d, d, a2);
   });
 }
 
-template <bool kResidual, bool kRelu>
+template <bool kResidual, bool kRelu, bool kCvt>
 JAXCNN_AVX512 void NormalizeRowsBf16V(const uint16_t* x, const uint16_t* res, uint16_t* y, int64_t c, int64_t tile,
                                       int64_t r0, int64_t r1, const float* mean, const float* a, const float* b) {
   ForTiles(c, tile, r0, r1, [&](int64_t r, int64_t n) {
@@ -352,44 +456,25 @@ JAXCNN_AVX512 void NormalizeRowsBf16V(const uint16_t* x, const uint16_t* res, ui
     for (int64_t k = 0; k < n; k += 16) {
       __m512 v = PreActivationV<kResidual>(xp, rp, k, mean, a, b);
       if constexpr (kRelu) v = ReluV(v);
-      StoreBf16(yp + k, v);
+      StoreBf16<kCvt>(yp + k, v);
     }
   });
-}
-
-// dy where the ReLU passed the forward's value, else 0 (`pre > 0 ? g : 0`).
-template <bool kResidual, bool kRelu>
-JAXCNN_AVX512 inline __m512 MaskedGradV(const uint16_t* xp, const uint16_t* rp, const uint16_t* gp, int64_t k,
-                                        const float* mean, const float* a, const float* b) {
-  const __m512 g = LoadBf16(gp + k);
-  if constexpr (!kRelu) return g;
-  const __m512 pre = PreActivationV<kResidual>(xp, rp, k, mean, a, b);
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(pre, _mm512_setzero_ps(), _CMP_GT_OQ), g);
-}
-
-// xhat = (x - mean) * rstd on 16 values.
-JAXCNN_AVX512 inline __m512 XhatV(const uint16_t* xp, int64_t k, const float* mean, const float* rstd) {
-  return _mm512_mul_ps(_mm512_sub_ps(LoadBf16(xp + k), _mm512_loadu_ps(mean + k)), _mm512_loadu_ps(rstd + k));
 }
 
 template <bool kResidual, bool kRelu>
 JAXCNN_AVX512 void GradSumRowsBf16V(const uint16_t* x, const uint16_t* res, const uint16_t* dy, int64_t c,
-                                    int64_t tile, int64_t r0, int64_t r1, const float* mean, const float* rstd,
-                                    const float* a, const float* b, double* dbias, double* dscale) {
-  SumTiles(c, tile, r0, r1, dbias, dscale, [&](int64_t r, int64_t n, float* sb, float* ss) {
+                                    int64_t r0, int64_t r1, const float* mean, const float* rstd, const float* a,
+                                    const float* b, double* dbias, double* dscale) {
+  SumRowsV(c, r0, r1, dbias, dscale, [&](int64_t r, int64_t k, __m512& sb, __m512& ss) JAXCNN_INLINE_LAMBDA {
     const uint16_t* xp = x + r * c;
     const uint16_t* rp = res ? res + r * c : nullptr;
-    const uint16_t* gp = dy + r * c;
-    for (int64_t k = 0; k < n; k += 16) {
-      const __m512 g = MaskedGradV<kResidual, kRelu>(xp, rp, gp, k, mean, a, b);
-      const __m512 xhat = XhatV(xp, k, mean, rstd);
-      _mm512_storeu_ps(sb + k, _mm512_add_ps(_mm512_loadu_ps(sb + k), g));
-      _mm512_storeu_ps(ss + k, _mm512_fmadd_ps(g, xhat, _mm512_loadu_ps(ss + k)));
-    }
+    const __m512 g = _mm512_maskz_mov_ps(PassedV<kResidual, kRelu>(xp, rp, k, mean, a, b), LoadBf16(dy + r * c + k));
+    sb = _mm512_add_ps(sb, g);
+    ss = _mm512_fmadd_ps(g, XhatV(xp, k, mean, rstd), ss);
   });
 }
 
-template <bool kResidual, bool kRelu>
+template <bool kResidual, bool kRelu, bool kCvt>
 JAXCNN_AVX512 void GradRowsBf16V(const uint16_t* x, const uint16_t* res, const uint16_t* dy, uint16_t* dx,
                                  uint16_t* dres, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* mean,
                                  const float* rstd, const float* a, const float* b, const float* mean_dbias,
@@ -401,12 +486,14 @@ JAXCNN_AVX512 void GradRowsBf16V(const uint16_t* x, const uint16_t* res, const u
     uint16_t* out = dx + r * c;
     uint16_t* dres_p = dres ? dres + r * c : nullptr;
     for (int64_t k = 0; k < n; k += 16) {
-      const __m512 g = MaskedGradV<kResidual, kRelu>(xp, rp, gp, k, mean, a, b);
+      const __mmask16 passed = PassedV<kResidual, kRelu>(xp, rp, k, mean, a, b);
+      const __m256i g_bits = _mm256_maskz_mov_epi16(passed, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp + k)));
+      const __m512 g = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(g_bits), 16));
       const __m512 xhat = XhatV(xp, k, mean, rstd);
       const __m512 centred = _mm512_sub_ps(g, _mm512_loadu_ps(mean_dbias + k));
-      StoreBf16(out + k, _mm512_mul_ps(_mm512_loadu_ps(a + k),
-                                       _mm512_fnmadd_ps(xhat, _mm512_loadu_ps(mean_dscale + k), centred)));
-      if constexpr (kResidual) StoreBf16(dres_p + k, g);
+      StoreBf16<kCvt>(out + k, _mm512_mul_ps(_mm512_loadu_ps(a + k),
+                                             _mm512_fnmadd_ps(xhat, _mm512_loadu_ps(mean_dscale + k), centred)));
+      if constexpr (kResidual) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dres_p + k), g_bits);
     }
   });
 }
@@ -426,7 +513,7 @@ void MomentRowsAny(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1, 
                    double* s2) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, uint16_t>) {
-    if (Bf16Vectors(c)) return MomentRowsBf16V(x, c, tile, r0, r1, shift, s1, s2);
+    if (Bf16Vectors(c)) return MomentRowsBf16V(x, c, r0, r1, shift, s1, s2);
   }
 #endif
   MomentRows(x, c, tile, r0, r1, shift, s1, s2);
@@ -438,7 +525,11 @@ void NormalizeRowsAny(const T* x, const T* res, T* y, int64_t c, int64_t tile, i
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, uint16_t>) {
     if (Bf16Vectors(c)) {
-      JAXCNN_SPECIALISE(NormalizeRowsBf16V, x, res, y, c, tile, r0, r1, mean, a, b);
+      if (Avx512Bf16Rounding()) {
+        JAXCNN_SPECIALISE3(NormalizeRowsBf16V, true, x, res, y, c, tile, r0, r1, mean, a, b);
+      } else {
+        JAXCNN_SPECIALISE3(NormalizeRowsBf16V, false, x, res, y, c, tile, r0, r1, mean, a, b);
+      }
       return;
     }
   }
@@ -453,7 +544,7 @@ void GradSumRowsAny(const T* x, const T* res, const T* dy, int64_t c, int64_t ti
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, uint16_t>) {
     if (Bf16Vectors(c)) {
-      JAXCNN_SPECIALISE(GradSumRowsBf16V, x, res, dy, c, tile, r0, r1, mean, rstd, a, b, dbias, dscale);
+      JAXCNN_SPECIALISE(GradSumRowsBf16V, x, res, dy, c, r0, r1, mean, rstd, a, b, dbias, dscale);
       return;
     }
   }
@@ -468,8 +559,13 @@ void GradRowsAny(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t 
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, uint16_t>) {
     if (Bf16Vectors(c)) {
-      JAXCNN_SPECIALISE(GradRowsBf16V, x, res, dy, dx, dres, c, tile, r0, r1, mean, rstd, a, b, mean_dbias,
-                        mean_dscale);
+      if (Avx512Bf16Rounding()) {
+        JAXCNN_SPECIALISE3(GradRowsBf16V, true, x, res, dy, dx, dres, c, tile, r0, r1, mean, rstd, a, b,
+                           mean_dbias, mean_dscale);
+      } else {
+        JAXCNN_SPECIALISE3(GradRowsBf16V, false, x, res, dy, dx, dres, c, tile, r0, r1, mean, rstd, a, b,
+                           mean_dbias, mean_dscale);
+      }
       return;
     }
   }

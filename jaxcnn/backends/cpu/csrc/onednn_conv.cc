@@ -61,6 +61,7 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "bfloat16.h"
+#include "env_switch.h"
 #include "onednn_common.h"
 #include "parallel_for.h"
 #include "winograd.h"
@@ -96,15 +97,7 @@ constexpr int64_t kWinogradMinChunkPixels = 1024;  // output pixels per call (ch
 
 // JAXCNN_WINOGRAD, read once: 0 / false / no / off (any case, as JAXCNN_ONEDNN) turn Winograd off.
 bool WinogradEnabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("JAXCNN_WINOGRAD");
-    if (v == nullptr) return true;
-    std::string s(v);
-    s.erase(0, s.find_first_not_of(" \t"));
-    s.erase(s.find_last_not_of(" \t") + 1);
-    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
-    return !(s == "0" || s == "false" || s == "no" || s == "off");
-  }();
+  static const bool enabled = jaxcnn::SwitchOn("JAXCNN_WINOGRAD");
   return enabled;
 }
 
