@@ -245,20 +245,34 @@ class _ResidualBase(nn.Module):
 
     expansion: ClassVar[int] = 1
 
-    def _shortcut(self, x: jax.Array, pre: jax.Array | None) -> jax.Array:
-        """The shortcut of x (of the pre-activated x for a preact projection)."""
-        out = self.features * self.expansion
-        changes = x.shape[-1] != out or self.strides != 1
-        source = pre if (self.preact and changes and self.shortcut == "B") else x
+    def _shortcut(self, source: jax.Array) -> jax.Array:
+        """The shortcut of its source: the block's input, or the pre-activated input for a preact projection."""
         norm = None if self.preact else self.norm
-        return Shortcut(out, self.strides, self.shortcut, self.conv, norm, name="shortcut")(source)
+        return Shortcut(self.features * self.expansion, self.strides, self.shortcut, self.conv, norm,
+                        name="shortcut")(source)
 
-    def _preact_join(self, y: jax.Array, x: jax.Array, pre: jax.Array) -> jax.Array:
+    def _paths(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x for the branch and x for the shortcut (`F.fan_out`: one sum of their gradients); x twice when the
+        block has no shortcut."""
+        return F.fan_out(x) if self.residual else (x, x)
+
+    def _preact_start(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """A pre-activation block's start: (``act(norm1(x))`` for the branch, the shortcut's source). A projection
+        shortcut (the shape changes, option 'B') reads the pre-activated x, as in He et al. (2016b); the identity
+        and option 'A' read x itself."""
+        changes = x.shape[-1] != self.features * self.expansion or self.strides != 1
+        norm1 = norm_act(self.norm, self.act, block=self, name="norm1")
+        if changes and self.shortcut == "B":
+            return self._paths(norm1(x))
+        x, skip = self._paths(x)
+        return norm1(x), skip
+
+    def _preact_join(self, y: jax.Array, skip: jax.Array) -> jax.Array:
         """A pre-activation block's end: the branch output y plus the shortcut (no norm, no activation after)."""
-        return y + self._shortcut(x, pre) if self.residual else y
+        return y + self._shortcut(skip) if self.residual else y
 
-    def _norm_join(self, y: jax.Array, x: jax.Array, name: str) -> jax.Array:
-        """A post-activation block's end: ``act(norm(y) + shortcut(x))`` (``act(norm(y))`` without a shortcut).
+    def _norm_join(self, y: jax.Array, skip: jax.Array, name: str) -> jax.Array:
+        """A post-activation block's end: ``act(norm(y) + shortcut(skip))`` (``act(norm(y))`` without a shortcut).
 
         The last norm starts at zero scale with ``zero_init_residual``. Where that norm is a `layers.BatchNorm` and
         the activation the ReLU, the norm, the sum and the ReLU are one call (`layers.BatchNorm` with a residual),
@@ -267,7 +281,7 @@ class _ResidualBase(nn.Module):
         norm = build(self, "norm", self.norm, name=name, zero_init=self.zero_init_residual)
         if not self.residual:
             return self.act(norm(y))
-        shortcut = self._shortcut(x, None)
+        shortcut = self._shortcut(skip)
         if isinstance(norm, layers.BatchNorm) and self.act is jax.nn.relu:
             return norm(y, shortcut, relu=True)
         return self.act(norm(y) + shortcut)
@@ -290,14 +304,15 @@ class BasicBlock(_ResidualBase):
             padding=conv_padding(self.kernel_size), groups=self.groups,
         )
         if self.preact:
-            pre = norm_act(self.norm, self.act, block=self, name="norm1")(x)
+            pre, skip = self._preact_start(x)
             y = conv(strides=self.strides, name="conv1")(pre)
             y = self._drop(norm_act(self.norm, self.act, block=self, name="norm2")(y), train)
             y = conv(name="conv2")(y)
-            return self._preact_join(y, x, pre)
+            return self._preact_join(y, skip)
+        x, skip = self._paths(x)
         y = norm_act(self.norm, self.act, block=self, name="norm1")(conv(strides=self.strides, name="conv1")(x))
         y = self._drop(y, train)
-        return self._norm_join(conv(name="conv2")(y), x, "norm2")
+        return self._norm_join(conv(name="conv2")(y), skip, "norm2")
 
 
 class BottleneckBlock(_ResidualBase):
@@ -323,15 +338,16 @@ class BottleneckBlock(_ResidualBase):
                       groups=self.groups, name="conv2")
         conv3 = build(self, "conv", self.conv, out, kernel_size=1, padding=0, name="conv3")
         if self.preact:
-            pre = norm_act(self.norm, self.act, block=self, name="norm1")(x)
+            pre, skip = self._preact_start(x)
             y = conv1(pre)
             y = conv2(norm_act(self.norm, self.act, block=self, name="norm2")(y))
             y = self._drop(norm_act(self.norm, self.act, block=self, name="norm3")(y), train)
-            return self._preact_join(conv3(y), x, pre)
+            return self._preact_join(conv3(y), skip)
+        x, skip = self._paths(x)
         y = norm_act(self.norm, self.act, block=self, name="norm1")(conv1(x))
         y = norm_act(self.norm, self.act, block=self, name="norm2")(conv2(y))
         y = self._drop(y, train)
-        return self._norm_join(conv3(y), x, "norm3")
+        return self._norm_join(conv3(y), skip, "norm3")
 
 
 # ---------------------------------------------------------------------------------------------------------

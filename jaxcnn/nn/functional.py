@@ -481,6 +481,19 @@ def batch_norm(
     return (y if window is None else max_pool(y, window)), mean, var
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fan_out(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x, x)``: x for the two paths that read it (a residual block's branch and its shortcut). In reverse-mode
+    differentiation x's gradient is the sum of the two paths' gradients, as for any reused value; the CPU backend
+    adds them in one native call (the same bits as XLA's add, faster).
+    """
+    return backends.fan_out(x)
+
+
 __all__ = [
     "PADDING_MODES",
     "Padding",
@@ -489,6 +502,7 @@ __all__ = [
     "conv2d",
     "conv_output_size",
     "effective_kernel_size",
+    "fan_out",
     "global_avg_pool",
     "global_max_pool",
     "l2_pool",

@@ -79,11 +79,12 @@ _POOL_TARGETS = {"forward": ("jaxcnn_max_pool_fwd", "JaxcnnMaxPoolFwd"),
                  "backward": ("jaxcnn_max_pool_bwd", "JaxcnnMaxPoolBwd")}
 _MATMUL_TARGET = ("jaxcnn_onednn_matmul", "JaxcnnMatmul")
 _SGD_TARGET = ("jaxcnn_sgd_update", "JaxcnnSgdUpdate")
+_ADD_TARGET = ("jaxcnn_add", "JaxcnnAdd")
 _SOURCES = tuple(Path(__file__).with_name("csrc") / name
                  for name in ("onednn_conv.cc", "winograd.cc", "batch_norm.cc", "onednn_matmul.cc", "max_pool.cc",
-                              "sgd_update.cc"))
+                              "sgd_update.cc", "add.cc"))
 _HEADERS = tuple(Path(__file__).with_name("csrc") / name
-                 for name in ("bfloat16.h", "env_switch.h", "onednn_common.h", "parallel_for.h", "winograd.h"))
+                 for name in ("bfloat16.h", "bfloat16_avx512.h", "env_switch.h", "onednn_common.h", "parallel_for.h", "winograd.h"))
 _INSTALL_HINT = ("install a C++ compiler and oneDNN's headers (Debian/Ubuntu: `apt-get install g++ libdnnl-dev`), "
                  "or set JAXCNN_ONEDNN=0 to silence this")
 
@@ -225,7 +226,7 @@ def _library() -> ctypes.CDLL | None:
         lib.JaxcnnConvImpl.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
                                        ctypes.c_int64]
         for target, symbol in (*_TARGETS.values(), *_NORM_TARGETS.values(), *_POOL_TARGETS.values(),
-                               _MATMUL_TARGET, _SGD_TARGET):
+                               _MATMUL_TARGET, _SGD_TARGET, _ADD_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         return lib
     except Exception as err:  # noqa: BLE001 - any failure means: keep XLA's convolutions, say why once
@@ -664,3 +665,18 @@ __all__ = ["Geometry", "NormGeometry", "POOL_SIMD", "available", "concurrent_dev
            "implementations", "matmul", "matmul_p", "max_pool_backward", "max_pool_forward", "norm_backward",
            "norm_forward", "norm_usable", "pool_usable", "SGD_SIMD", "sgd_update",
            "sgd_update_usable", "threads_per_device", "usable", "xla_convolutions"]
+
+
+# --------------------------------------------------------------------------------------- the sum of two activations
+
+def add(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a + b`` for two arrays of one shape, both float32 or both bfloat16, in the native kernel (csrc/add.cc): the
+    bits XLA's add gives (bfloat16: summed in float32, rounded once to nearest even). Not differentiable by itself
+    (`jaxcnn.backends.cpu.fan_out` wraps it)."""
+    if a.shape != b.shape or a.dtype != b.dtype or np.dtype(a.dtype) not in (np.float32, jnp.bfloat16):
+        raise ValueError(f"add: operands {a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)} must have one shape "
+                         "and be both float32 or both bfloat16")
+    if _library() is None:  # builds and registers the targets on first use
+        raise RuntimeError(f"jaxcnn's native add is unavailable; to fix: {_INSTALL_HINT}")
+    call = jax.ffi.ffi_call(_ADD_TARGET[0], jax.ShapeDtypeStruct(a.shape, a.dtype), vmap_method="broadcast_all")
+    return call(a, b, threads=np.int64(threads_per_device()))

@@ -55,7 +55,7 @@
 #endif
 
 #include "bfloat16.h"
-#include "env_switch.h"
+#include "bfloat16_avx512.h"
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -79,6 +79,12 @@ constexpr int64_t kShiftRows = 64;    // rows whose mean shifts the one-pass mom
 
 using jaxcnn::Narrow;
 using jaxcnn::Widen;
+#if defined(__x86_64__)
+using jaxcnn::Avx512Bf16Rounding;
+using jaxcnn::HasAvx512;
+using jaxcnn::LoadBf16;
+using jaxcnn::StoreBf16;
+#endif
 
 inline float Load(const float* p, int64_t i) { return p[i]; }
 inline float Load(const uint16_t* p, int64_t i) { return Widen(p[i]); }
@@ -301,21 +307,6 @@ JAXCNN_KERNELS(uint16_t, BF16)
 // of the moments pass and 1.9x that of the gradient sums (32x32x16 layer, 64 images, one thread: 0.186 vs 0.072 ms
 // and 0.270 vs 0.141 ms; 2026-12-07, the 2-core Xeon of benchmarks/README.md).
 #if defined(__x86_64__)
-#define JAXCNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-bool HasAvx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return has;
-}
-
-// JAXCNN_AVX512_BF16, read once: 0 / false / no / off (env_switch.h) keep StoreBf16's integer rounding on a CPU with
-// AVX512-BF16 too (the two give the same bits; tests/backends/test_norm.py compares them).
-bool Avx512Bf16Rounding() {
-  static const bool on = __builtin_cpu_supports("avx512bf16") && jaxcnn::SwitchOn("JAXCNN_AVX512_BF16");
-  return on;
-}
-
 JAXCNN_AVX512 inline __m512 AffineV(__m512 x, __m512 mean, __m512 a, __m512 b) {
   return _mm512_fmadd_ps(_mm512_sub_ps(x, mean), a, b);
 }
@@ -325,47 +316,6 @@ JAXCNN_AVX512 inline __m512 ReluV(__m512 v) { return _mm512_max_ps(v, _mm512_set
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")  // the lambdas below too (called once per tile)
-
-// 16 bfloat16 values widened (Widen).
-JAXCNN_AVX512 inline __m512 LoadBf16(const uint16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-// 16 floats rounded to bfloat16 as Narrow does (nearest even, NaN kept and made quiet), with vector integer
-// operations.
-JAXCNN_AVX512 inline __m256i NarrowIntV(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd);
-  const __m512i rounded = _mm512_srli_epi32(biased, 16);
-  const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet_nan));
-}
-
-// 16 floats rounded to bfloat16 (Narrow's bits) and stored. kCvt: with AVX512-BF16's vcvtneps2bf16 (one instruction
-// instead of eleven; the same rounding, but it flushes subnormal inputs to zero, so a vector holding one takes the
-// integer rounding). Written as inline assembly so that these loops need no AVX512-BF16 target of their own: only
-// the kCvt = true copies, run where the CPU has it, execute the instruction.
-template <bool kCvt>
-JAXCNN_AVX512 inline void StoreBf16(uint16_t* p, __m512 v) {
-  __m256i out;
-  if constexpr (kCvt) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __mmask16 subnormal = _mm512_mask_test_epi32_mask(
-        _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7f800000)), bits, _mm512_set1_epi32(0x007fffff));
-    if (__builtin_expect(subnormal == 0, 1)) {
-      asm("vcvtneps2bf16 %1, %0" : "=v"(out) : "v"(v));
-    } else {
-      out = NarrowIntV(v);
-    }
-  } else {
-    out = NarrowIntV(v);
-  }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), out);
-}
 
 // PreActivation on the 16 values at offset k of x and r (the per-channel arrays at the same offset).
 template <bool kResidual>
