@@ -317,26 +317,31 @@ JAXCNN_AVX512 inline __m512 ReluV(__m512 v) { return _mm512_max_ps(v, _mm512_set
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")  // the lambdas below too (called once per tile)
 
+// 16 activations as floats.
+JAXCNN_AVX512 inline __m512 LoadV(const float* p) { return _mm512_loadu_ps(p); }
+JAXCNN_AVX512 inline __m512 LoadV(const uint16_t* p) { return LoadBf16(p); }
+
 // PreActivation on the 16 values at offset k of x and r (the per-channel arrays at the same offset).
-template <bool kResidual>
-JAXCNN_AVX512 inline __m512 PreActivationV(const uint16_t* xp, const uint16_t* rp, int64_t k, const float* mean,
+template <bool kResidual, typename T>
+JAXCNN_AVX512 inline __m512 PreActivationV(const T* xp, const T* rp, int64_t k, const float* mean,
                                            const float* a, const float* b) {
-  const __m512 v = AffineV(LoadBf16(xp + k), _mm512_loadu_ps(mean + k), _mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k));
-  if constexpr (kResidual) return _mm512_add_ps(v, LoadBf16(rp + k));
+  const __m512 v = AffineV(LoadV(xp + k), _mm512_loadu_ps(mean + k), _mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k));
+  if constexpr (kResidual) return _mm512_add_ps(v, LoadV(rp + k));
   return v;
 }
 
 // The ReLU's mask of 16 values: where the forward's value before it was > 0 (all lanes without a ReLU).
-template <bool kResidual, bool kRelu>
-JAXCNN_AVX512 inline __mmask16 PassedV(const uint16_t* xp, const uint16_t* rp, int64_t k, const float* mean,
+template <bool kResidual, bool kRelu, typename T>
+JAXCNN_AVX512 inline __mmask16 PassedV(const T* xp, const T* rp, int64_t k, const float* mean,
                                        const float* a, const float* b) {
   if constexpr (!kRelu) return 0xffff;
   return _mm512_cmp_ps_mask(PreActivationV<kResidual>(xp, rp, k, mean, a, b), _mm512_setzero_ps(), _CMP_GT_OQ);
 }
 
 // xhat = (x - mean) * rstd on 16 values.
-JAXCNN_AVX512 inline __m512 XhatV(const uint16_t* xp, int64_t k, const float* mean, const float* rstd) {
-  return _mm512_mul_ps(_mm512_sub_ps(LoadBf16(xp + k), _mm512_loadu_ps(mean + k)), _mm512_loadu_ps(rstd + k));
+template <typename T>
+JAXCNN_AVX512 inline __m512 XhatV(const T* xp, int64_t k, const float* mean, const float* rstd) {
+  return _mm512_mul_ps(_mm512_sub_ps(LoadV(xp + k), _mm512_loadu_ps(mean + k)), _mm512_loadu_ps(rstd + k));
 }
 
 // Two per-channel sums over rows [r0, r1) of a [., c] layout, in registers: body(row, k, s1, s2) adds the 16 values
@@ -387,10 +392,11 @@ JAXCNN_INLINE void SumRowsV(int64_t c, int64_t r0, int64_t r1, double* out1, dou
   }
 }
 
-JAXCNN_AVX512 void MomentRowsBf16V(const uint16_t* x, int64_t c, int64_t r0, int64_t r1, const float* shift,
+template <typename T>
+JAXCNN_AVX512 void MomentRowsV(const T* x, int64_t c, int64_t r0, int64_t r1, const float* shift,
                                    double* s1, double* s2) {
   SumRowsV(c, r0, r1, s1, s2, [&](int64_t r, int64_t k, __m512& a1, __m512& a2) JAXCNN_INLINE_LAMBDA {
-    const __m512 d = _mm512_sub_ps(LoadBf16(x + r * c + k), _mm512_loadu_ps(shift + k));
+    const __m512 d = _mm512_sub_ps(LoadV(x + r * c + k), _mm512_loadu_ps(shift + k));
     a1 = _mm512_add_ps(a1, d);
     a2 = _mm512_fmadd_ps(d, d, a2);
   });
@@ -411,14 +417,14 @@ JAXCNN_AVX512 void NormalizeRowsBf16V(const uint16_t* x, const uint16_t* res, ui
   });
 }
 
-template <bool kResidual, bool kRelu>
-JAXCNN_AVX512 void GradSumRowsBf16V(const uint16_t* x, const uint16_t* res, const uint16_t* dy, int64_t c,
+template <bool kResidual, bool kRelu, typename T>
+JAXCNN_AVX512 void GradSumRowsV(const T* x, const T* res, const T* dy, int64_t c,
                                     int64_t r0, int64_t r1, const float* mean, const float* rstd, const float* a,
                                     const float* b, double* dbias, double* dscale) {
   SumRowsV(c, r0, r1, dbias, dscale, [&](int64_t r, int64_t k, __m512& sb, __m512& ss) JAXCNN_INLINE_LAMBDA {
-    const uint16_t* xp = x + r * c;
-    const uint16_t* rp = res ? res + r * c : nullptr;
-    const __m512 g = _mm512_maskz_mov_ps(PassedV<kResidual, kRelu>(xp, rp, k, mean, a, b), LoadBf16(dy + r * c + k));
+    const T* xp = x + r * c;
+    const T* rp = res ? res + r * c : nullptr;
+    const __m512 g = _mm512_maskz_mov_ps(PassedV<kResidual, kRelu>(xp, rp, k, mean, a, b), LoadV(dy + r * c + k));
     sb = _mm512_add_ps(sb, g);
     ss = _mm512_fmadd_ps(g, XhatV(xp, k, mean, rstd), ss);
   });
@@ -450,21 +456,21 @@ JAXCNN_AVX512 void GradRowsBf16V(const uint16_t* x, const uint16_t* res, const u
 
 #pragma GCC pop_options
 
-// Whether the bfloat16 loops run as the AVX-512 ones above.
-bool Bf16Vectors(int64_t c) { return c % 16 == 0 && HasAvx512(); }
+// Whether the loops run as the AVX-512 ones above (the two summing loops for float32 and bfloat16, the other two
+// for bfloat16).
+bool Vectors(int64_t c) { return c % 16 == 0 && HasAvx512(); }
 #else
-bool Bf16Vectors(int64_t) { return false; }
+bool Vectors(int64_t) { return false; }
 #endif
 
-// The four loops for either activation type: bfloat16 with C a multiple of 16 on AVX-512 as the vector loops above,
-// everything else as the portable loops.
+// The four loops for either activation type: with C a multiple of 16 on AVX-512 as the vector loops above (the
+// summing ones for both types, the others for bfloat16: GCC vectorises the portable float32 ones), everything else
+// as the portable loops.
 template <typename T>
 void MomentRowsAny(const T* x, int64_t c, int64_t tile, int64_t r0, int64_t r1, const float* shift, double* s1,
                    double* s2) {
 #if defined(__x86_64__)
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    if (Bf16Vectors(c)) return MomentRowsBf16V(x, c, r0, r1, shift, s1, s2);
-  }
+  if (Vectors(c)) return MomentRowsV(x, c, r0, r1, shift, s1, s2);
 #endif
   MomentRows(x, c, tile, r0, r1, shift, s1, s2);
 }
@@ -474,7 +480,7 @@ void NormalizeRowsAny(const T* x, const T* res, T* y, int64_t c, int64_t tile, i
                       const float* mean, const float* a, const float* b, bool relu) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, uint16_t>) {
-    if (Bf16Vectors(c)) {
+    if (Vectors(c)) {
       if (Avx512Bf16Rounding()) {
         JAXCNN_SPECIALISE3(NormalizeRowsBf16V, true, x, res, y, c, tile, r0, r1, mean, a, b);
       } else {
@@ -492,11 +498,9 @@ void GradSumRowsAny(const T* x, const T* res, const T* dy, int64_t c, int64_t ti
                     const float* mean, const float* rstd, const float* a, const float* b, bool relu, double* dbias,
                     double* dscale) {
 #if defined(__x86_64__)
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    if (Bf16Vectors(c)) {
-      JAXCNN_SPECIALISE(GradSumRowsBf16V, x, res, dy, c, r0, r1, mean, rstd, a, b, dbias, dscale);
-      return;
-    }
+  if (Vectors(c)) {
+    JAXCNN_SPECIALISE(GradSumRowsV, x, res, dy, c, r0, r1, mean, rstd, a, b, dbias, dscale);
+    return;
   }
 #endif
   GradSumRows(x, res, dy, c, tile, r0, r1, mean, rstd, a, b, relu, dbias, dscale);
@@ -508,7 +512,7 @@ void GradRowsAny(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t 
                  const float* mean_dbias, const float* mean_dscale, bool relu) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, uint16_t>) {
-    if (Bf16Vectors(c)) {
+    if (Vectors(c)) {
       if (Avx512Bf16Rounding()) {
         JAXCNN_SPECIALISE3(GradRowsBf16V, true, x, res, dy, dx, dres, c, tile, r0, r1, mean, rstd, a, b,
                            mean_dbias, mean_dscale);
