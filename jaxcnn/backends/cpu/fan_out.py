@@ -1,13 +1,13 @@
 """`fan_out(x)`: x for two paths, with the two paths' gradients summed in jaxcnn's native add on the CPU.
 
 An activation that two paths read (a residual block's input: its branch and its shortcut) gets, in reverse-mode
-differentiation, the sum of the paths' gradients. JAX adds them with XLA's
-add, which XLA's CPU backend runs 8 values at a time through the stack; for bfloat16 it also rounds with integer
-operations: 0.62 ms for a 128x32x32x16 sum, against 0.32 ms in `kernels.add` (float32: 0.67 against 0.55 ms;
-2026-12-07, jax 0.10.2, the 2-core Xeon of benchmarks/README.md). `fan_out` returns x twice; its derivative rule adds
-the two cotangents with `kernels.add` on the CPU (XLA's add elsewhere, `lax.platform_dependent`): the same bits as
-JAX's own sum. Its second derivative is JAX's (the native sum's JVP is the sum of the tangents). Only two paths: XLA
-fuses the sum of three or more gradients into one pass, which pairwise calls would not beat.
+differentiation, the sum of the paths' gradients. JAX adds them with XLA's add, which XLA's CPU backend runs 8
+values at a time through the stack, for bfloat16 also rounding with integer operations: 0.62 ms for a
+128x32x32x16 sum, against 0.32 ms in `kernels.add` (float32: 0.67 against 0.55 ms; 2026-12-07, jax 0.10.2, the
+2-core Xeon of benchmarks/README.md). `fan_out` returns x twice; its derivative rule adds the two cotangents with
+`kernels.add` on the CPU (XLA's add elsewhere, `lax.platform_dependent`): the bits of XLA's add (NaN payloads
+aside). Its second derivative is JAX's (the native sum's JVP is the sum of the tangents). Only two paths: XLA fuses
+the sum of three or more gradients into one pass, which pairwise calls would not beat.
 """
 
 from __future__ import annotations
