@@ -299,13 +299,15 @@ JAXCNN_INLINE void GradRowsT(const T* x, const T* res, const T* dy, T* dx, T* dr
 JAXCNN_KERNELS(float, F32)
 JAXCNN_KERNELS(uint16_t, BF16)
 
-// The bfloat16 loops in AVX-512 for C a multiple of 16 (so every row is whole vectors), 16 values at a time, with
-// the conversions as vector operations (Widen's exactly; Narrow's bit for bit, see StoreBf16). GCC leaves the
-// portable bfloat16 loops mostly scalar. The same expressions forward and backward (AffineV, the ReLU's mask), so
-// the backward pass recomputes the forward's mask. The two summing loops keep their sums in registers (SumRowsV): sums
-// per tile position in memory, as the portable loops keep them, cost a store and a reload per vector, 2.6x the time
-// of the moments pass and 1.9x that of the gradient sums (32x32x16 layer, 64 images, one thread: 0.186 vs 0.072 ms
-// and 0.270 vs 0.141 ms; 2026-12-07, the 2-core Xeon of benchmarks/README.md).
+// The loops in AVX-512 for C a multiple of 16 (so every row is whole vectors), 16 values at a time: the two summing
+// loops for float32 and bfloat16, the normalising and input-gradient loops for bfloat16 (GCC vectorises the portable
+// float32 ones, and leaves the portable bfloat16 ones mostly scalar). bfloat16 conversions are vector operations
+// (Widen's exactly; Narrow's bit for bit, see StoreBf16). The same expressions forward and backward (AffineV, the
+// ReLU's mask), so the backward pass recomputes the forward's mask. The summing loops keep their sums in registers
+// (SumRowsV): sums per tile position in memory, as the portable loops keep them, cost a store and a reload per
+// vector, 2.6x the time of the bfloat16 moments pass and 1.9x that of its gradient sums (32x32x16 layer, 64 images,
+// one thread: 0.186 vs 0.072 ms and 0.270 vs 0.141 ms; float32 0.21 vs 0.137 ms and 0.338 vs 0.283 ms; 2026-12-07,
+// the 2-core Xeon of benchmarks/README.md).
 #if defined(__x86_64__)
 JAXCNN_AVX512 inline __m512 AffineV(__m512 x, __m512 mean, __m512 a, __m512 b) {
   return _mm512_fmadd_ps(_mm512_sub_ps(x, mean), a, b);
