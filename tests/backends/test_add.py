@@ -1,4 +1,4 @@
-"""jaxcnn.backends.cpu.kernels.add and fan_out: the native sum of two activations gives the bits of a NumPy float32
+"""jaxcnn.backends.cpu.fan_out (`add` and `fan_out`): the native sum of two activations gives the bits of a NumPy float32
 sum (rounded once to bfloat16 by ml_dtypes for bfloat16 operands), and `fan_out`'s gradient is that sum of its two
 paths' gradients; in a residual block every gradient is the same bits as with XLA's add, and to second order and
 under vmap the same as for x read twice.
@@ -54,7 +54,7 @@ def test_native_add_gives_the_numpy_sum(shape, dtype, threads):
     a, b = operands(shape, dtype)
     devices = onednn.concurrent_devices(1) if threads == "pool" else onednn.concurrent_devices(2)
     with devices:
-        got = jax.jit(onednn.add)(a, b)
+        got = jax.jit(fan_out_module.add)(a, b)
     assert_same_values(got, numpy_sum(a, b))
 
 
@@ -62,11 +62,11 @@ def test_native_add_gives_the_numpy_sum(shape, dtype, threads):
 def test_native_add_rejects_operands_of_different_shapes_or_types():
     a = jnp.zeros((4, 4), jnp.float32)
     with pytest.raises(ValueError, match="one shape"):
-        onednn.add(a, jnp.zeros((4, 5), jnp.float32))
+        fan_out_module.add(a, jnp.zeros((4, 5), jnp.float32))
     with pytest.raises(ValueError, match="both float32 or both bfloat16"):
-        onednn.add(a, a.astype(jnp.bfloat16))
+        fan_out_module.add(a, a.astype(jnp.bfloat16))
     with pytest.raises(ValueError, match="both float32 or both bfloat16"):
-        onednn.add(a.astype(jnp.float16), a.astype(jnp.float16))
+        fan_out_module.add(a.astype(jnp.float16), a.astype(jnp.float16))
 
 
 def path_one(a, w):
@@ -165,3 +165,39 @@ def test_fan_out_under_pmap_on_several_devices():
     for i in range(n_dev):
         one, two = (np.asarray(jax.jit(jax.grad(path))(x[i], w)) for path in (path_one, path_two))
         assert_same_values(per_device[i], numpy_sum(one, two))
+
+
+@needs_native
+def test_fan_out_in_forward_mode_and_a_residual_block_under_jvp(monkeypatch):
+    """Forward mode through `fan_out` (jvp, linearize) gives x read twice's tangents; so does a residual block in
+    evaluation mode, whose input is forked (its BatchNorm then uses the running statistics: no native kernel of its
+    own), and vmap of the native add broadcasts an unbatched operand."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((8, 16, 16, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    t = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    native, plain = two_path_loss(backends.fan_out), two_path_loss(lambda v: (v, v))
+    np.testing.assert_allclose(jax.jvp(lambda x: native(x, w), (x,), (t,))[1],
+                               jax.jvp(lambda x: plain(x, w), (x,), (t,))[1], rtol=1e-5)
+    _, lin = jax.linearize(lambda x: native(x, w), x)
+    np.testing.assert_allclose(lin(t), jax.jvp(lambda x: plain(x, w), (x,), (t,))[1], rtol=1e-5)
+
+    block = blocks.BasicBlock(16, conv=functools.partial(layers.Conv2d, use_bias=False),
+                              norm=functools.partial(layers.make_norm, "batch", train=False))
+    variables = block.init(jax.random.PRNGKey(0), x)
+
+    def tangent():
+        fn = jax.jit(lambda x, t: jax.jvp(lambda v: block.apply(variables, v), (x,), (t,)))
+        return fn.lower(x, t).as_text(), fn(x, t)
+
+    hlo, (y, dy) = tangent()
+    assert "jaxcnn_fan_out" not in hlo  # fan_out_p lowers to its operand, twice
+    monkeypatch.setattr(fan_out_module, "MIN_VALUES", 1 << 40)
+    _, (y_plain, dy_plain) = tangent()
+    np.testing.assert_array_equal(y, y_plain)
+    np.testing.assert_array_equal(dy, dy_plain)
+
+    a = jnp.asarray(rng.standard_normal((3, 64, 64, 4)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((64, 64, 4)), jnp.float32)
+    summed = jax.jit(jax.vmap(fan_out_module.add, in_axes=(0, None)))(a, b)
+    np.testing.assert_array_equal(summed, np.asarray(a) + np.asarray(b)[None])

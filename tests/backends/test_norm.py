@@ -596,6 +596,8 @@ def test_bfloat16_rounding_instruction_gives_the_integer_roundings_bits():
             return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), (y, mean, var)
 
         (_, aux), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, r)
+        from jaxcnn.backends.cpu import kernels
+        print("instruction", kernels.bfloat16_rounding_instruction())
         np.savez(sys.argv[1], *[np.asarray(v).view(np.uint16) if v.dtype == jnp.bfloat16 else np.asarray(v)
                                 for v in (*aux, *grads)])
     """)
@@ -606,7 +608,9 @@ def test_bfloat16_rounding_instruction_gives_the_integer_roundings_bits():
             env["JAXCNN_AVX512_BF16"] = value
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "out.npz")
-            subprocess.run([sys.executable, "-c", code, out], env=env, check=True, capture_output=True, text=True)
+            run = subprocess.run([sys.executable, "-c", code, out], env=env, check=True, capture_output=True,
+                                 text=True)
+            assert f"instruction {value is None}" in run.stdout, run.stdout  # which rounding ran
             with np.load(out) as f:
                 runs.append([f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))])
     for a, b in zip(*runs):

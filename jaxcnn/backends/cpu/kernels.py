@@ -225,6 +225,8 @@ def _library() -> ctypes.CDLL | None:
         lib.JaxcnnConvImpl.restype = ctypes.c_char_p
         lib.JaxcnnConvImpl.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
                                        ctypes.c_int64]
+        lib.JaxcnnAvx512Bf16Rounding.restype = ctypes.c_int64
+        lib.JaxcnnAvx512Bf16Rounding.argtypes = []
         for target, symbol in (*_TARGETS.values(), *_NORM_TARGETS.values(), *_POOL_TARGETS.values(),
                                _MATMUL_TARGET, _SGD_TARGET, _ADD_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
@@ -669,14 +671,17 @@ __all__ = ["Geometry", "NormGeometry", "POOL_SIMD", "available", "concurrent_dev
 
 # --------------------------------------------------------------------------------------- the sum of two activations
 
-def add(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a + b`` for two arrays of one shape, both float32 or both bfloat16, in the native kernel (csrc/add.cc): the
-    bits XLA's add gives (bfloat16: summed in float32, rounded once to nearest even). Not differentiable by itself
-    (`jaxcnn.backends.cpu.fan_out` wraps it)."""
-    if a.shape != b.shape or a.dtype != b.dtype or np.dtype(a.dtype) not in (np.float32, jnp.bfloat16):
-        raise ValueError(f"add: operands {a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)} must have one shape "
-                         "and be both float32 or both bfloat16")
+def bfloat16_rounding_instruction() -> bool:
+    """Whether the native bfloat16 loops round with AVX512-BF16's ``vcvtneps2bf16`` (the CPU has it and
+    ``JAXCNN_AVX512_BF16`` is not 0 / false / no / off when the library loads); False without the library."""
+    lib = _library() if enabled() else None
+    return bool(lib is not None and lib.JaxcnnAvx512Bf16Rounding())
+
+
+def add_lowering(ctx, a, b, *, threads: int):
+    """The CPU lowering of ``a + b`` (one shape, both float32 or both bfloat16) as the native kernel (csrc/add.cc):
+    the bits XLA's add gives (bfloat16: summed in float32, rounded once to nearest even). `threads` as
+    `threads_per_device()` (0: XLA's pool). `jaxcnn.backends.cpu.fan_out.add_p` lowers with it."""
     if _library() is None:  # builds and registers the targets on first use
-        raise RuntimeError(f"jaxcnn's native add is unavailable; to fix: {_INSTALL_HINT}")
-    call = jax.ffi.ffi_call(_ADD_TARGET[0], jax.ShapeDtypeStruct(a.shape, a.dtype), vmap_method="broadcast_all")
-    return call(a, b, threads=np.int64(threads_per_device()))
+        raise RuntimeError(f"jaxcnn_add needs the native kernel library, which is unavailable: {_INSTALL_HINT}")
+    return jax.ffi.ffi_lowering(_ADD_TARGET[0])(ctx, a, b, threads=np.int64(threads))

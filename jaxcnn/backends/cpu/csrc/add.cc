@@ -92,6 +92,16 @@ ffi::Error Add(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Re
 
 }  // namespace
 
+// 1 where the bfloat16 loops of this library round with AVX512-BF16's instruction (Avx512Bf16Rounding), else 0: for
+// tests and diagnostics (jaxcnn.backends.cpu.kernels.bfloat16_rounding_instruction).
+extern "C" int64_t JaxcnnAvx512Bf16Rounding() {
+#if defined(__x86_64__)
+  return jaxcnn::Avx512Bf16Rounding() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcnnAdd, Add,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

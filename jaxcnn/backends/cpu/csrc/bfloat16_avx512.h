@@ -6,6 +6,7 @@
 
 #if defined(__x86_64__)
 
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -23,11 +24,20 @@ inline bool HasAvx512() {
   return has;
 }
 
-// Whether StoreBf16<true> may run: the CPU has AVX512-BF16 and JAXCNN_AVX512_BF16 is not 0 / false / no / off
-// (env_switch.h; read once), which keeps the integer rounding (the same bits; tests/backends/test_norm.py and
-// test_add.py compare the two).
+// Whether the CPU has AVX512-BF16: CPUID leaf 7, sub-leaf 1, EAX bit 5 (read directly, so that compilers whose
+// __builtin_cpu_supports predates the name still build this file).
+inline bool CpuHasAvx512Bf16() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 1, eax, ebx, ecx, edx);
+  return (eax >> 5) & 1u;
+}
+
+// Whether StoreBf16<true> may run: the CPU has AVX-512 and AVX512-BF16, and JAXCNN_AVX512_BF16 is not 0 / false /
+// no / off (env_switch.h; read once), which keeps the integer rounding (the same bits; tests/backends/test_norm.py
+// compares the two).
 inline bool Avx512Bf16Rounding() {
-  static const bool on = __builtin_cpu_supports("avx512bf16") && SwitchOn("JAXCNN_AVX512_BF16");
+  static const bool on = HasAvx512() && CpuHasAvx512Bf16() && SwitchOn("JAXCNN_AVX512_BF16");
   return on;
 }
 
@@ -53,7 +63,8 @@ JAXCNN_AVX512 inline __m256i NarrowIntV(__m512 v) {
 // 16 floats rounded to bfloat16 (Narrow's bits) and stored. kCvt: with AVX512-BF16's vcvtneps2bf16 (one instruction
 // instead of eleven; the same rounding, but it flushes subnormal inputs to zero, so a vector holding one takes the
 // integer rounding). Written as inline assembly so that the loops calling this need no AVX512-BF16 target of their
-// own: only their kCvt = true copies, run where Avx512Bf16Rounding() holds, execute the instruction.
+// own: only their kCvt = true copies, run where Avx512Bf16Rounding() holds, execute the instruction (the mnemonic needs
+// GNU as 2.32 or later).
 template <bool kCvt>
 JAXCNN_AVX512 inline void StoreBf16(uint16_t* p, __m512 v) {
   __m256i out;
