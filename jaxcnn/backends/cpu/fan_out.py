@@ -15,8 +15,6 @@ pairwise calls would not beat.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,12 +63,6 @@ batching.primitive_batchers[fan_out_p] = lambda args, dims: (fan_out_p.bind(*arg
 
 # ------------------------------------------------------------------------------------------ add_p: a, b -> a + b
 
-@functools.lru_cache(maxsize=None)
-def _jitted_add(threads: int):
-    """Eager calls run compiled (the FFI call exists only inside XLA)."""
-    return jax.jit(functools.partial(add_p.bind, threads=threads))
-
-
 def _add_transpose(ct, a, b, *, threads: int):
     """Both operands get the cotangent of the sum."""
     return [ct if ad.is_undefined_primal(a) else None, ct if ad.is_undefined_primal(b) else None]
@@ -84,7 +76,7 @@ def _add_batch(args, dims, *, threads: int):
     return add_p.bind(a, b, threads=threads), 0
 
 
-add_p.def_impl(lambda a, b, *, threads: _jitted_add(threads)(a, b))
+add_p.def_impl(lambda a, b, *, threads: kernels.jitted_bind(add_p, (("threads", threads),))(a, b))
 add_p.def_abstract_eval(lambda a, b, *, threads: a)
 ad.deflinear2(add_p, _add_transpose)
 batching.primitive_batchers[add_p] = _add_batch

@@ -84,7 +84,8 @@ _SOURCES = tuple(Path(__file__).with_name("csrc") / name
                  for name in ("onednn_conv.cc", "winograd.cc", "batch_norm.cc", "onednn_matmul.cc", "max_pool.cc",
                               "sgd_update.cc", "add.cc"))
 _HEADERS = tuple(Path(__file__).with_name("csrc") / name
-                 for name in ("bfloat16.h", "bfloat16_avx512.h", "env_switch.h", "onednn_common.h", "parallel_for.h", "winograd.h"))
+                 for name in ("bfloat16.h", "bfloat16_avx512.h", "env_switch.h", "onednn_common.h", "parallel_for.h",
+                              "winograd.h"))
 _INSTALL_HINT = ("install a C++ compiler and oneDNN's headers (Debian/Ubuntu: `apt-get install g++ libdnnl-dev`), "
                  "or set JAXCNN_ONEDNN=0 to silence this")
 
@@ -355,8 +356,9 @@ def _rhs_transpose(ct, lhs, rhs, *, op: str, geometry: Geometry):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_bind(prim: Primitive, params: tuple):
-    """Eager calls of `prim` run it compiled (its FFI call only exists inside XLA)."""
+def jitted_bind(prim: Primitive, params: tuple):
+    """Eager calls of `prim` run it compiled (its FFI call only exists inside XLA): its bind with `params` (sorted
+    (name, value) pairs) under `jax.jit`, cached."""
     return jax.jit(lambda *args: prim.bind(*args, **dict(params)))
 
 
@@ -366,7 +368,7 @@ def _define_bilinear(prim: Primitive, *, abstract_eval, lhs_transpose, rhs_trans
     def batch(args, dims, **params):
         return jax.vmap(functools.partial(xla_impl, **params), in_axes=dims)(*args), 0
 
-    prim.def_impl(lambda *args, **params: _jitted_bind(prim, tuple(sorted(params.items())))(*args))
+    prim.def_impl(lambda *args, **params: jitted_bind(prim, tuple(sorted(params.items())))(*args))
     prim.def_abstract_eval(abstract_eval)
     ad.defbilinear(prim, lhs_transpose, rhs_transpose)
     batching.primitive_batchers[prim] = batch
@@ -663,12 +665,6 @@ def _sgd_update_jvp(momentum: float, nesterov: bool, decays: tuple[float, ...], 
     return (new_p, new_m), (tuple(dp_out), tuple(dm_out))
 
 
-__all__ = ["Geometry", "NormGeometry", "POOL_SIMD", "available", "concurrent_devices", "conv2d", "conv_p", "enabled",
-           "implementations", "matmul", "matmul_p", "max_pool_backward", "max_pool_forward", "norm_backward",
-           "norm_forward", "norm_usable", "pool_usable", "SGD_SIMD", "sgd_update",
-           "sgd_update_usable", "threads_per_device", "usable", "xla_convolutions"]
-
-
 # --------------------------------------------------------------------------------------- the sum of two activations
 
 def bfloat16_rounding_instruction() -> bool:
@@ -685,3 +681,10 @@ def add_lowering(ctx, a, b, *, threads: int):
     if _library() is None:  # builds and registers the targets on first use
         raise RuntimeError(f"jaxcnn_add needs the native kernel library, which is unavailable: {_INSTALL_HINT}")
     return jax.ffi.ffi_lowering(_ADD_TARGET[0])(ctx, a, b, threads=np.int64(threads))
+
+
+__all__ = ["add_lowering", "available", "bfloat16_rounding_instruction", "concurrent_devices", "conv2d", "conv_p",
+           "enabled", "Geometry", "implementations", "jitted_bind", "matmul", "matmul_p", "max_pool_backward",
+           "max_pool_forward", "norm_backward", "norm_forward", "norm_usable", "NormGeometry", "POOL_SIMD",
+           "pool_usable", "SGD_SIMD", "sgd_update", "sgd_update_usable", "threads_per_device", "usable",
+           "xla_convolutions"]

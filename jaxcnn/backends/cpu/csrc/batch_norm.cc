@@ -351,6 +351,18 @@ JAXCNN_AVX512 inline __m512 XhatV(const T* xp, int64_t k, const float* mean, con
 // 1, as many as fit), each group's rows 8 / G at a time, so that 8 accumulators of each sum run side by side; each
 // accumulator sums a block of kBlockRows rows in float32, added to the double sums out1[c] and out2[c] at the
 // block's end.
+// out[0..16) += the sum, in double, of the R float32 accumulators s[0], s[G], ..., s[(R - 1) * G].
+template <int R, int G>
+JAXCNN_INLINE void AddRowsToDouble(const __m512* s, double* out) {
+  __m512d lo = _mm512_setzero_pd(), hi = lo;
+  for (int i = 0; i < R; ++i) {
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(s[i * G])));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s[i * G]), 1))));
+  }
+  _mm512_storeu_pd(out, _mm512_add_pd(_mm512_loadu_pd(out), lo));
+  _mm512_storeu_pd(out + 8, _mm512_add_pd(_mm512_loadu_pd(out + 8), hi));
+}
+
 template <int G, typename Body>
 JAXCNN_INLINE void SumBlockV(int64_t k0, int64_t b0, int64_t b1, double* out1, double* out2, const Body& body) {
   constexpr int R = 8 / G;
@@ -366,19 +378,8 @@ JAXCNN_INLINE void SumBlockV(int64_t k0, int64_t b0, int64_t b1, double* out1, d
     for (int g = 0; g < G; ++g) body(r, k0 + 16 * g, s1[g], s2[g]);
   }
   for (int g = 0; g < G; ++g) {
-    __m512d lo1 = _mm512_setzero_pd(), hi1 = lo1, lo2 = lo1, hi2 = lo1;
-    for (int i = 0; i < R; ++i) {
-      lo1 = _mm512_add_pd(lo1, _mm512_cvtps_pd(_mm512_castps512_ps256(s1[i * G + g])));
-      hi1 = _mm512_add_pd(hi1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s1[i * G + g]), 1))));
-      lo2 = _mm512_add_pd(lo2, _mm512_cvtps_pd(_mm512_castps512_ps256(s2[i * G + g])));
-      hi2 = _mm512_add_pd(hi2, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s2[i * G + g]), 1))));
-    }
-    double* o1 = out1 + k0 + 16 * g;
-    double* o2 = out2 + k0 + 16 * g;
-    _mm512_storeu_pd(o1, _mm512_add_pd(_mm512_loadu_pd(o1), lo1));
-    _mm512_storeu_pd(o1 + 8, _mm512_add_pd(_mm512_loadu_pd(o1 + 8), hi1));
-    _mm512_storeu_pd(o2, _mm512_add_pd(_mm512_loadu_pd(o2), lo2));
-    _mm512_storeu_pd(o2 + 8, _mm512_add_pd(_mm512_loadu_pd(o2 + 8), hi2));
+    AddRowsToDouble<R, G>(s1 + g, out1 + k0 + 16 * g);
+    AddRowsToDouble<R, G>(s2 + g, out2 + k0 + 16 * g);
   }
 }
 
